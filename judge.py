@@ -241,21 +241,21 @@ def judge_one(cfg, model, rubric, sample):
     """Grade one answer: up to 1 + cfg.retries attempts; returns the score (or None) and the evidence."""
     reference = ", ".join(sample["values"]) if cfg.reference else None
     prompt = absolute_prompt(sample["question"], sample["prediction"], rubric, reference)
-    output, error, replies = None, None, 0
+    output, errors, replies = None, [], 0  # errors: every HTTP failure on the way, also when a retry succeeded
     for attempt in range(1, cfg.retries + 2):
         try:
             output = chat(cfg, model, prompt, ABS_SYSTEM)
             replies += 1
         except HTTPFailure as e:
-            error = str(e)
+            errors.append(str(e))
             if not e.retryable:
                 break
             time.sleep(min(cfg.backoff * 2 ** (attempt - 1), 8.0))
             continue
         score = parse_absolute(output)
         if score is not None:
-            return {"llm_score": score, "judge_output": output, "attempts": attempt, "replies": replies, "error": None}
-    return {"llm_score": None, "judge_output": output, "attempts": attempt, "replies": replies, "error": error}
+            return {"llm_score": score, "judge_output": output, "attempts": attempt, "replies": replies, "errors": errors}
+    return {"llm_score": None, "judge_output": output, "attempts": attempt, "replies": replies, "errors": errors}
 
 
 def judge_all(cfg, model, rubric, samples):
@@ -295,6 +295,7 @@ def summarize(rows):
         "llm_none": sum(s is None for s in llm),
         "llm_histogram": {k: llm.count(k) for k in range(1, 6)},
         "attempts": sum(r["attempts"] for r in rows),
+        "http_errors": sum(len(r["errors"]) for r in rows),
         "rule_vs_stored_mismatch": sum(r["stored_score"] is not None and abs(r["rule_score"] - r["stored_score"]) > 1e-9
                                        for r in rows),
         "by_length": {str(k): {"n": len(v), "rule_mean": mean([r["rule_score"] for r in v]),
@@ -432,7 +433,7 @@ def main(argv):
           f"{sm['llm_none']} without verdict; agreement n={ag['n']} accuracy={ag['accuracy']} kappa={ag['kappa']} -> {out}",
           file=sys.stderr)
     if samples and all(g["replies"] == 0 for g in graded):
-        print(f"judge.py: error: no reply from {cfg.judge_url} for any sample ({graded[0]['error']})", file=sys.stderr)
+        print(f"judge.py: error: no reply from {cfg.judge_url} for any sample ({graded[0]['errors'][-1]})", file=sys.stderr)
         return 1
     return 0
 
