@@ -9,6 +9,7 @@ prometheus-7b-v2.0 was trained on exactly this text, so any rewording costs accu
 sees the question only, never the haystack: it grades the answer against the reference values,
 not the retrieval (that is the model's job, and a 1M-token haystack would not fit the judge).
 """
+import http.client
 import json
 import os
 import re
@@ -34,8 +35,8 @@ class JudgeConfig:
     rubric: str = "needle"          # "needle" (built in) or a path to a text file in rubric format
     merge_system: bool = False      # fold the system prompt into the user turn (chat templates without a system role, e.g. Mistral's)
     temperature: float = 1.0        # sampling defaults are prometheus-eval's (its retries rely on sampling)
-    top_p: float = 0.9
-    max_tokens: int = 1024
+    top_p: float = 0.9              # nucleus sampling
+    max_tokens: int = 1024          # per judge reply (feedback + verdict)
     repetition_penalty: float = 1.03  # a vLLM extension; 1 omits it (api.openai.com rejects unknown fields)
     retries: int = 3                # extra attempts per sample on unparseable output or a transient HTTP error
     backoff: float = 0.5            # seconds before the first retry after an HTTP error; doubles, max 8 s
@@ -212,7 +213,7 @@ def _request(url, payload, timeout):
     except urllib.error.HTTPError as e:
         body = e.read()[:300].decode(errors="replace")
         raise HTTPFailure(f"HTTP {e.code} from {url}: {body}", retryable=e.code in (408, 429) or e.code >= 500)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
         raise HTTPFailure(f"{url}: {getattr(e, 'reason', e)}", retryable=True)
     except json.JSONDecodeError as e:
         raise HTTPFailure(f"{url}: reply is not JSON ({e})", retryable=True)
@@ -248,9 +249,10 @@ def judge_one(cfg, model, rubric, sample):
             replies += 1
         except HTTPFailure as e:
             errors.append(str(e))
-            if not e.retryable:
+            if not e.retryable:  # 400, 401, 404...: asking again gets the same answer
                 break
-            time.sleep(min(cfg.backoff * 2 ** (attempt - 1), 8.0))
+            if attempt <= cfg.retries:
+                time.sleep(min(cfg.backoff * 2 ** (attempt - 1), 8.0))
             continue
         score = parse_absolute(output)
         if score is not None:
@@ -365,7 +367,7 @@ def parse_args(argv):
             src = open(os.path.abspath(__file__)).read()
             for f in fields(JudgeConfig):
                 m = re.search(rf"^    {f.name}: \w+ = .*?#\s*(.*)$", src, re.M)
-                print(f"  --{f.name}={getattr(cfg, f.name)!s:<28} {m.group(1) if m else ''}")
+                print(f"  {'--' + f.name + '=' + str(getattr(cfg, f.name)):<42} {m.group(1) if m else ''}")
             sys.exit(0)
         key, eq, val = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not eq:
