@@ -58,6 +58,7 @@ class ServeConfig:
     served_model_name: str = ""         # default: the checkpoint's folder (or file) name
     api_key: str = ""                   # require 'Authorization: Bearer KEY' on /v1 (default: $VLLM_API_KEY)
     device: str = ""                    # default: cuda if available, else cpu
+    threads: int = 0                    # CPU only: torch threads; 0: all cores but one (that one runs HTTP)
     dtype: str = "auto"                 # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64
     max_model_len: int = 0              # prompt + completion limit; 0: max_position_embeddings, capped by the cache
     page: int = 64                      # tokens per cache block
@@ -849,7 +850,7 @@ def parse_args(argv):
     for k in ("page", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
         if getattr(cfg, k) < 1:
             die(f"--{k}={getattr(cfg, k)}: must be >= 1")
-    for k in ("num_blocks", "kv_cache_tokens", "max_model_len", "drain_timeout"):
+    for k in ("num_blocks", "kv_cache_tokens", "max_model_len", "drain_timeout", "threads"):
         if getattr(cfg, k) < 0:
             die(f"--{k}={getattr(cfg, k)}: must be >= 0")
     if cfg.max_num_batched_tokens < cfg.max_num_seqs:
@@ -937,6 +938,8 @@ def main(argv):
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device=cuda but no CUDA device is available")
     dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu":   # decode is many small ops: oversubscribed OpenMP threads cost 10-50x
+        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
     model = load_model(cfg, device, dtype)
     per_token = size_cache(cfg, model.config, device, dtype)
     metrics = Metrics(cfg.served_model_name)

@@ -531,6 +531,460 @@ def test_judge_against_serve_tiny(tmp_path):
 
 
 # ============================================================================ serve (issue 9)
+# The engine in-process against model.generate (float64); then real `python serve.py` processes on
+# loopback, driven by the official openai client and raw HTTP.
+import concurrent.futures as _cf  # noqa: E402
+import http.client as _http  # noqa: E402
+import json as _sjson  # noqa: E402
+import re as _re  # noqa: E402
+import signal as _signal  # noqa: E402
+import socket as _ssocket  # noqa: E402
+import subprocess as _sproc  # noqa: E402
+import time as _stime  # noqa: E402
+import urllib.request as _urlreq  # noqa: E402
+
+import serve  # noqa: E402
+
+_SERVE_PY = os.path.join(ROOT, "serve.py")
+_SERVE_KEY = "sk-serve-test"
+
+
+def _serve_model_cfg():
+    return M.ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                         max_position_embeddings=1024)
+
+
+def _serve_ckpt(path):
+    torch.manual_seed(1)
+    m = M.Transformer(_serve_model_cfg())
+    with torch.no_grad():  # larger weights than init: sharper logits, so greedy paths do not collapse to one token
+        for n, p in m.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.mul_(4.0)
+    M.save_checkpoint(str(path), m)
+    return str(path)
+
+
+def _serve_prompts(n, seed=0):
+    """Token-id prompts of different lengths (5..~100: several pages, several prefill chunks)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (5 + (i * 37) % 97,), generator=g).tolist() for i in range(n)]
+
+
+def _reference_greedy(model, prompt, max_new):
+    out = model.generate(torch.tensor([prompt]), max_new, temperature=0.0, page=16)[0]
+    return out
+
+
+def _strip_stop(ids):
+    return ids[:-1] if ids and ids[-1] in M.STOP_IDS else ids
+
+
+def test_serve_engine_matches_generate_with_preemption():
+    """16 ragged requests through the engine with a cache too small for all of them: the scheduler must wait,
+    chunk prefills, batch ragged decodes and preempt; every greedy output must still be model.generate's
+    (float64), and every block must come back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny ops: more threads only contend
+    try:
+        _serve_engine_check()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serve_engine_check():
+    torch.manual_seed(1)
+    model = M.Transformer(_serve_model_cfg()).double().eval()
+    cfg = serve.ServeConfig(page=16, num_blocks=24, max_model_len=384, max_num_seqs=8, max_num_batched_tokens=40)
+    outs = []
+    eng = serve.Engine(model, cfg, deliver=outs.extend)
+    prompts = _serve_prompts(16)
+    reqs = [eng.submit(p, serve.SamplingParams(max_tokens=40 + i, temperature=0.0, ignore_eos=i % 2 == 0))
+            for i, p in enumerate(prompts)]
+    max_batch = 0
+    for _ in range(10000):
+        busy = eng.step()
+        max_batch = max(max_batch, len(eng.running))
+        if not busy:
+            break
+    assert all(r.finish_reason in ("stop", "length") for r in reqs)
+    assert eng.num_preemptions > 0 and max_batch > 1
+    assert sorted(eng.free) == list(range(cfg.num_blocks)) and not eng.running and not eng.waiting
+    for i, (p, r) in enumerate(zip(prompts, reqs)):
+        got = r.ids[len(p):]
+        ref = _reference_greedy(model, p, 40 + i)
+        assert (got if i % 2 == 0 else _strip_stop(got))[:len(ref)] == ref, i
+        # what the client was told adds up to the same tokens and the same text
+        told = [o for rr, o in outs if rr is r]
+        assert sum((o.token_ids for o in told), []) == got and told[-1].finish_reason == r.finish_reason
+        text = bytes(t for t in _strip_stop(got) if t < 256).decode("utf-8", "replace")
+        assert "".join(o.text for o in told) == text
+
+
+def test_serve_sampling_matches_closed_form():
+    """temperature, top-k, top-p: empirical frequencies of 20000 per-request-seeded draws against the filtered
+    distribution computed by hand; excluded tokens never appear; a row's draw depends only on its seed."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.9, 0.2, -1.0, -3.0, 0.5], dtype=torch.float64)
+    T, k, top_p = 0.7, 5, 0.8
+    # by hand: scale, keep the 5 largest, renormalise, keep the smallest head whose mass reaches 0.8
+    z = sorted(((float(v) / T, i) for i, v in enumerate(logits)), reverse=True)[:k]
+    w = [math.exp(v - z[0][0]) for v, _ in z]
+    probs = [x / sum(w) for x in w]
+    keep, mass = [], 0.0
+    for p_, (_, i) in zip(probs, z):
+        if mass >= top_p:
+            break
+        keep.append(i)
+        mass += p_
+    expect = torch.zeros(8, dtype=torch.float64)
+    for i in keep:
+        expect[i] = math.exp(float(logits[i]) / T)
+    expect /= expect.sum()
+    N = 20000
+    params = [serve.SamplingParams(max_tokens=1, temperature=T, top_k=k, top_p=top_p)] * N
+    gens = [torch.Generator().manual_seed(s) for s in range(N)]
+    toks = serve.sample_rows(logits.expand(N, 8).clone(), params, gens)
+    freq = torch.bincount(toks, minlength=8).double() / N
+    assert set(toks.tolist()) == set(keep)
+    sigma = (expect * (1 - expect) / N).sqrt()
+    assert ((freq - expect).abs() <= 5 * sigma + 1e-12).all(), (freq, expect)
+    # same seeds, rows reversed and mixed with greedy rows: each seeded row draws the same token
+    mixed = [serve.SamplingParams(max_tokens=1, temperature=0.0)] * 3 + params[:50][::-1]
+    gens2 = [torch.Generator().manual_seed(0)] * 3 + [torch.Generator().manual_seed(s) for s in range(50)][::-1]
+    again = serve.sample_rows(logits.expand(53, 8).clone(), mixed, gens2)
+    assert again[:3].tolist() == [0, 0, 0] and again[3:].tolist() == toks[:50].tolist()[::-1]
+
+
+def test_serve_cli_errors(tmp_path, capsys, monkeypatch):
+    """--help lists every flag; bad flags, a missing checkpoint, a broken one, --backend=vllm without vLLM:
+    one line on stderr and exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--help"])
+    assert e.value.code == 0
+    helptext = capsys.readouterr().out
+    assert all(f"--{f.name}=" in helptext for f in serve.fields(serve.ServeConfig))
+    bad = [["--nope=1"], ["--port=x"], ["port=1"], ["--dtype=int8"], ["--page=0"], ["--access_log=maybe"],
+           ["--max_num_seqs=64", "--max_num_batched_tokens=8"], ["--backend=tgi"]]
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            serve.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("serve.py: ") and err.count("\n") == 1, (argv, err)
+    assert serve.parse_args(["--api-key=k", "--max-model-len=64"]).api_key == "k"   # hyphens work too
+    monkeypatch.chdir(tmp_path)   # no checkpoints/ nor out/ here
+    for argv, needle in [([], "python train.py"), ([f"--ckpt={tmp_path}/none.pt"], "none.pt")]:
+        with pytest.raises(SystemExit) as e:
+            serve.load_model(serve.parse_args(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and err.count("\n") == 1, err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        serve.load_model(serve.parse_args([f"--ckpt={tmp_path}/junk.pt"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "junk.pt" in err and err.count("\n") == 1, err
+    if serve.shutil.which("vllm") is None:
+        with pytest.raises(SystemExit) as e:
+            serve.run_vllm(serve.parse_args(["--backend=vllm"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "vLLM" in err and "not installed" in err and err.count("\n") == 1
+
+
+class _ServeProc:
+    """python serve.py on a free loopback port, up once /health answers."""
+
+    def __init__(self, tmp, *flags):
+        with _ssocket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = open(os.path.join(tmp, f"serve-{self.port}.log"), "w+")
+        self.proc = _sproc.Popen([sys.executable, _SERVE_PY, f"--port={self.port}", *flags],
+                                 stdout=_sproc.DEVNULL, stderr=self.log, cwd=tmp)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = _stime.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.logtext()
+            try:
+                _urlreq.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                assert _stime.time() < deadline, "serve.py did not come up in 120 s: " + self.logtext()
+                _stime.sleep(0.3)
+
+    def logtext(self):
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def metrics(self):
+        text = _urlreq.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = _re.match(r'^(vllm:\w+)\{([^}]*)\} (\S+)$', line)
+            if m and "model_name=" in m.group(2):
+                labels = dict(_re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+                key = m.group(1) + ("" if set(labels) == {"model_name"} else
+                                    "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "model_name"))
+                out[key] = float(m.group(3))
+        return out
+
+    def request(self, method, path, body=None, headers=None, key=_SERVE_KEY):
+        """(status, headers, parsed JSON or text) over plain http.client; body may be bytes (sent as is)."""
+        conn = _http.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        data = body if isinstance(body, (bytes, type(None))) else _sjson.dumps(body).encode()
+        conn.request(method, path, body=data, headers=h)
+        r = conn.getresponse()
+        raw = r.read().decode()
+        conn.close()
+        try:
+            return r.status, dict(r.getheaders()), _sjson.loads(raw)
+        except ValueError:
+            return r.status, dict(r.getheaders()), raw
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def serve_proc(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("serve"))
+    ckpt = _serve_ckpt(os.path.join(tmp, "ckpt.pt"))
+    # float64 makes batched == sequential exact; 60 blocks of 4 tokens is too few for 16 requests at once
+    s = _ServeProc(tmp, f"--ckpt={ckpt}", "--dtype=float64", "--page=4", "--num_blocks=60", "--max_model_len=240",
+                   "--max_num_seqs=16", "--max_num_batched_tokens=48", f"--api-key={_SERVE_KEY}",
+                   "--served_model_name=ic-test")
+    s.ckpt = ckpt
+    yield s
+    s.stop()
+
+
+def _openai(s):
+    import openai
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=_SERVE_KEY, max_retries=0, timeout=120)
+
+
+def test_serve_openai_client(serve_proc):
+    """completions and chat, streamed and not, through the official client: streams add up to the whole
+    answer, usage is there (also as the last chunk with include_usage), stop strings cut the text."""
+    c = _openai(serve_proc)
+    assert [m.id for m in c.models.list().data] == ["ic-test"]
+    prompt = "The quick brown fox jumps over the lazy dog"
+    n_prompt = len(M.get_tokenizer().encode(prompt))
+    full = c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0,
+                                extra_body={"ignore_eos": True, "return_token_ids": True})
+    ch = full.choices[0]
+    assert ch.finish_reason == "length" and len(ch.token_ids) == 24 and ch.prompt_token_ids == M.get_tokenizer().encode(prompt)
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens, full.usage.total_tokens) == (n_prompt, 24, n_prompt + 24)
+    assert ch.text == bytes(t for t in ch.token_ids if t < 256).decode("utf-8", "replace")
+    chunks = list(c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(k.choices[0].text for k in chunks if k.choices) == ch.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert [k.choices[0].finish_reason for k in chunks if k.choices][-1] == "length"
+    # a stop string taken from the middle of the greedy answer: the text ends right before it
+    text = ch.text
+    cut = next(i for i in range(1, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
+    stopped = c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0, stop=[text[cut:cut + 2]],
+                                   extra_body={"ignore_eos": True})
+    assert stopped.choices[0].text == text[:cut] and stopped.choices[0].finish_reason == "stop"
+    streamed_stop = c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                         stop=text[cut:cut + 2], extra_body={"ignore_eos": True})
+    assert "".join(k.choices[0].text for k in streamed_stop) == text[:cut]
+    # chat: the ChatML prompt, non-streamed and streamed
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the magic number?"}]
+    n_chat = len(M.get_tokenizer().encode(M.chat_prompt(msgs), allowed_special="all"))
+    a = c.chat.completions.create(model="ic-test", messages=msgs, max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert a.choices[0].message.role == "assistant" and a.usage.prompt_tokens == n_chat
+    assert a.usage.completion_tokens == 16
+    parts = list(c.chat.completions.create(model="ic-test", messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == a.choices[0].message.content
+    assert parts[-1].usage.prompt_tokens == n_chat and parts[-1].usage.completion_tokens == 16
+    # seeded sampling is reproducible
+    s1, s2 = (c.completions.create(model="ic-test", prompt=prompt, max_tokens=16, temperature=1.0, top_p=0.9,
+                                   seed=1234, extra_body={"top_k": 50}).choices[0].text for _ in range(2))
+    assert s1 == s2
+
+
+def test_serve_concurrent_greedy_equals_sequential(serve_proc):
+    """16 ragged greedy requests at once (the cache holds fewer: waiting, chunking, preemption) give exactly the
+    tokens of the same requests one at a time, and model.generate's; seeded sampled requests match too."""
+    c = _openai(serve_proc)
+    prompts = _serve_prompts(16, seed=3)
+
+    def run(i):
+        extra = {"return_token_ids": True, "ignore_eos": i % 2 == 0}
+        kw = dict(temperature=0.0) if i % 4 else dict(temperature=0.9, seed=100 + i)
+        r = c.completions.create(model="ic-test", prompt=prompts[i], max_tokens=16 + i, extra_body=extra, **kw)
+        return r.choices[0].token_ids
+
+    before = serve_proc.metrics()
+    one_by_one = [run(i) for i in range(16)]
+    with _cf.ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(run, range(16)))
+    after = serve_proc.metrics()
+    assert together == one_by_one
+    assert after["vllm:num_preemptions_total"] > before["vllm:num_preemptions_total"]   # the pool really ran out
+    model = M.load_checkpoint(serve_proc.ckpt).double().eval()
+    for i in range(1, 16, 4):   # greedy, stopping at <|im_end|> / <|endoftext|>
+        assert _strip_stop(together[i]) == _reference_greedy(model, prompts[i], 16 + i), i
+    assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm:num_requests_running"] == 0
+
+
+def test_serve_bad_inputs_get_4xx(serve_proc):
+    """Every bad input gets its 4xx with an OpenAI-style error body, and the server keeps serving."""
+    s = serve_proc
+    ok = {"model": "ic-test", "prompt": "hi", "max_tokens": 2}
+    chat = {"model": "ic-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ', {}, _SERVE_KEY, 400),   # malformed JSON
+        ("POST", "/v1/completions", b"\xff\xfe not json", {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "max_tokens": "many"}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": {"text": "hi"}}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {"model": "ic-test"}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", [1, 2, 3], {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "model": "gpt-4"}, {}, _SERVE_KEY, 404),
+        ("POST", "/v1/completions", {**ok, "max_tokens": -5}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "max_tokens": 0}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "max_tokens": 10 ** 30}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 600}, {}, _SERVE_KEY, 400),        # > max_model_len
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 100000}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 200, "max_tokens": 100}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": ""}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": [1, 2, 999]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": ["a", "b"]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "temperature": -1}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "top_p": 0}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "seed": 2 ** 70}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "n": 3}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "logprobs": 2}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": []}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": "hi"}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x" * 1000}]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", ok, {}, "sk-wrong", 401),
+        ("POST", "/v1/completions", ok, {}, None, 401),
+        ("GET", "/v1/models", None, {}, "sk-wrong", 401),
+        ("GET", "/v1/completions", None, {}, _SERVE_KEY, 405),
+        ("POST", "/v1/nothing", ok, {}, _SERVE_KEY, 404),
+    ]
+    for method, path, body, headers, key, want in cases:
+        status, _, reply = s.request(method, path, body, headers, key)
+        assert status == want, (path, body if not isinstance(body, (str, bytes)) or len(body) < 80 else "...", status, reply)
+        assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"], reply
+        assert s.proc.poll() is None
+    status, _, reply = s.request("POST", "/v1/chat/completions", {**chat, "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3
+    assert s.request("GET", "/health", key=None)[0] == 200 and s.request("GET", "/metrics", key=None)[0] == 200
+    schema = s.request("GET", "/openapi.json", key=None)[2]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+    assert "CompletionRequest" in schema["components"]["schemas"]
+
+
+def _raw_stream(s, path, body, response=True):
+    conn = _http.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", path, body=_sjson.dumps(body), headers={"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {_SERVE_KEY}"})
+    return conn, conn.getresponse() if response else None
+
+
+def _wait_for(s, cond, what, timeout=60):
+    deadline = _stime.time() + timeout
+    while True:
+        m = s.metrics()
+        if cond(m):
+            return m
+        assert _stime.time() < deadline, f"{what}: {m}"
+        _stime.sleep(0.05)
+
+
+def test_serve_disconnect_frees_blocks(serve_proc):
+    """A client that hangs up mid-stream, or while waiting for a whole answer, gets its request aborted and its
+    blocks freed: vllm:kv_cache_usage_perc back to 0, far fewer tokens generated than asked for."""
+    s = serve_proc
+    for stream in (True, False):
+        before = s.metrics()
+        body = {"model": "ic-test", "prompt": "tell me a long story", "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+        conn, resp = _raw_stream(s, "/v1/completions", body, response=stream)   # a whole answer: do not wait for it
+        if stream:
+            assert resp.status == 200
+            lines = [resp.readline() for _ in range(4)]
+            assert lines[0].startswith(b"data: {")
+        mid = _wait_for(s, lambda m: m["vllm:num_requests_running"] == 1, "request never ran")
+        assert mid["vllm:kv_cache_usage_perc"] > 0
+        conn.sock.shutdown(_ssocket.SHUT_RDWR)
+        conn.close()
+        key = "vllm:request_success_total|finished_reason=abort"
+        after = _wait_for(s, lambda m: m["vllm:kv_cache_usage_perc"] == 0 and m.get(key, 0) == before.get(key, 0) + 1,
+                          "blocks not freed after the client left")
+        assert after["vllm:num_requests_running"] == 0
+        assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 200
+
+
+def test_serve_metrics_count_tokens(serve_proc):
+    """/metrics counts prompt and generated tokens exactly (against the tokenizer and usage)."""
+    s = serve_proc
+    tok = M.get_tokenizer()
+    before = s.metrics()
+    prompts = ["a", "hello there", "<|im_start|>user\nspecial tokens count as one<|im_end|>\n", "é" * 7]
+    usages = []
+    for i, p in enumerate(prompts):
+        body = {"model": "ic-test", "prompt": p, "max_tokens": 3 + i, "temperature": 0, "ignore_eos": True,
+                "stream": i % 2 == 1, "stream_options": {"include_usage": True}}
+        status, _, reply = s.request("POST", "/v1/completions", body)
+        assert status == 200
+        if i % 2:
+            events = [ln[6:] for ln in reply.split("\n\n") if ln.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            reply = _sjson.loads(events[-2])
+        usages.append(reply["usage"])
+        assert reply["usage"]["prompt_tokens"] == len(tok.encode(p, allowed_special="all"))
+        assert reply["usage"]["completion_tokens"] == 3 + i
+    after = s.metrics()
+    assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usages)
+    assert (after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+            == sum(u["completion_tokens"] for u in usages) == 3 + 4 + 5 + 6)
+    assert after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] == 4
+    assert after["vllm:time_to_first_token_seconds_count"] - before["vllm:time_to_first_token_seconds_count"] == 4
+    assert after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"] == 2 + 3 + 4 + 5
+
+
+def test_serve_queue_full_and_sigterm_drain(tmp_path):
+    """One running sequence and a queue of one: a burst gets 503 + Retry-After for the overflow (the rest is
+    served); SIGTERM mid-stream refuses new connections, lets the stream finish every token, then exits 0."""
+    ckpt = _serve_ckpt(tmp_path / "ckpt.pt")
+    s = _ServeProc(str(tmp_path), f"--ckpt={ckpt}", "--max_num_seqs=1", "--max_queue=1", "--page=16",
+                   f"--api_key={_SERVE_KEY}")
+    try:
+        body = {"prompt": "count", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+        with _cf.ThreadPoolExecutor(6) as ex:
+            replies = list(ex.map(lambda _: s.request("POST", "/v1/completions", body), range(6)))
+        codes = sorted(r[0] for r in replies)
+        assert 503 in codes and 200 in codes and set(codes) == {200, 503}, codes
+        assert all(h.get("retry-after") or h.get("Retry-After") for code, h, _ in replies if code == 503)
+        texts = {r[2]["choices"][0]["text"] for r in replies if r[0] == 200}
+        assert len(texts) == 1
+        conn, resp = _raw_stream(s, "/v1/completions", {**body, "max_tokens": 300, "stream": True,
+                                                        "stream_options": {"include_usage": True}})
+        first = resp.readline()
+        assert first.startswith(b"data: {")
+        s.proc.send_signal(_signal.SIGTERM)
+        _stime.sleep(0.5)
+        with pytest.raises(OSError):   # draining: the listener is closed
+            _urlreq.urlopen(s.url + "/health", timeout=5)
+        rest = resp.read().decode()
+        events = [ln[6:] for ln in (first.decode() + rest).split("\n\n") if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]" and _sjson.loads(events[-2])["usage"]["completion_tokens"] == 300
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()
+
 
 
 # ============================================================================ infra (issue 10)
