@@ -13,9 +13,9 @@ multivalue (one key, four values), multiquery (four keys, all asked). Haystacks:
 we download nothing) and needle (every filler sentence is a distractor needle).
 """
 import bisect
+import functools
 import itertools
 import json
-import math
 import os
 import random
 import re
@@ -162,16 +162,14 @@ def n_tokens_of(text):
 CHAT_OVERHEAD = n_tokens_of(_chat("", "", "")) - 2   # ChatML around the user content (its two newlines apart)
 
 
-_SPECIAL_RE = re.compile("(" + "|".join(re.escape(s) for s in M.SPECIAL_TOKENS) + ")")
-_SPECIAL_ID = {s: 256 + i for i, s in enumerate(M.SPECIAL_TOKENS)}
+@functools.cache
+def tokenizer():
+    return M.get_tokenizer()
 
 
 def encode(text):
-    """model.get_tokenizer().encode(text, allowed_special="all") as an int64 array, ~1000x faster
-    (byte-level: the ids are the bytes, so no merges to run)."""
-    parts = _SPECIAL_RE.split(text)            # odd entries are special tokens
-    return np.concatenate([np.array([_SPECIAL_ID[p]]) if i % 2 else np.frombuffer(p.encode("utf-8"), np.uint8)
-                           for i, p in enumerate(parts)]).astype(np.int64)
+    """Token ids (int64 array) with the special tokens of the chat format."""
+    return np.array(tokenizer().encode(text, allowed_special="all"), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- samples
@@ -339,7 +337,6 @@ def training_batch(batch_size, seq_len, step, seed=0, rank=0, world=1, max_pos=N
 def _generate(model, samples, prefill_chunk=4096, batch_tokens=1 << 21, max_new_tokens=0):
     """Greedy answers for samples of one length (batched: equal prompt lengths need no padding)."""
     dev = next(model.parameters()).device
-    tok = M.get_tokenizer()
     preds = []
     bs = max(1, batch_tokens // samples[0]["length"])
     for i in range(0, len(samples), bs):
@@ -347,7 +344,7 @@ def _generate(model, samples, prefill_chunk=4096, batch_tokens=1 << 21, max_new_
         idx = torch.from_numpy(np.stack([encode(s["prompt"]) for s in part])).to(dev)
         new = max_new_tokens or max(len(s["answer"]) for s in part) + 16
         out = model.generate(idx, new, temperature=0.0, prefill_chunk=prefill_chunk)
-        preds += [tok.decode(o) for o in out]
+        preds += [tokenizer().decode(o) for o in out]
     return preds
 
 
