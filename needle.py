@@ -300,8 +300,9 @@ def training_batch(batch_size, seq_len, step, seed=0, rank=0, world=1, max_pos=N
     Variants that cannot fit in seq_len are left out of the mix (see min_tokens).
     PoSE (Zhu et al. 2023): with max_pos > seq_len the window is cut into pose_chunks chunks and chunk j
     is shifted by a random skip s_j (0 = s_0 <= s_1 <= ... <= max_pos - seq_len), so a short window
-    trains the positions of a long one. The cuts fall inside the prompt: the question, the answer and
-    the start of the prompt keep contiguous positions as at inference, only distances in the haystack stretch.
+    trains the positions of a long one. The cuts fall inside the haystack (at its ends included): the
+    instruction, the question and the answer keep contiguous positions as at inference; only the
+    distances across the haystack stretch, as they do in a long prompt.
     """
     variants = variants.split(",") if isinstance(variants, str) else list(variants)
     haystacks = haystacks.split(",") if isinstance(haystacks, str) else list(haystacks)
@@ -326,7 +327,9 @@ def training_batch(batch_size, seq_len, step, seed=0, rank=0, world=1, max_pos=N
         idx[b, :len(row)] = row
         targets[b, n - 1:len(row) - 1] = row[n:]               # predict the answer and <|im_end|>
         if max_pos and max_pos > seq_len:
-            cuts = sorted(rng.sample(range(1, n), min(pose_chunks - 1, n - 1)))
+            lo_cut = n_tokens_of(f"<|im_start|>user\n{spec['intro']}\n")          # the context's first token
+            hi_cut = n - n_tokens_of(f"\n{spec['question']}<|im_end|>\n<|im_start|>assistant\n")   # after its last
+            cuts = sorted(rng.sample(range(lo_cut, hi_cut + 1), min(pose_chunks - 1, hi_cut - lo_cut + 1)))
             skips = sorted(rng.randint(0, max_pos - seq_len) for _ in cuts)
             for c, s in zip(cuts, skips):
                 pos[b, c:] += s - (pos[b, c] - c)               # chunk from c on is shifted by s in all

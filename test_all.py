@@ -219,6 +219,305 @@ def test_model_checkpoint_roundtrip_and_clear_errors(tmp_path):
 
 
 # ============================================================================ needle (issue 5)
+import dataclasses as _dataclasses  # noqa: E402
+import json as _json  # noqa: E402
+import re as _re  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import judge  # noqa: E402
+import needle  # noqa: E402
+
+_NEEDLE_RE = _re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.")
+
+
+@pytest.fixture
+def _one_thread():
+    # tiny models on a shared 2-core box: a second OpenMP thread only spins against other processes
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _context(prompt):
+    """The haystack with the needles: between the instruction line and the question line."""
+    body = prompt.removeprefix("<|im_start|>user\n").removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+    first, rest = body.split("\n", 1)
+    context, question = rest.rsplit("\n", 1)
+    assert first.endswith("afterwards.") and question.startswith("What ")
+    return context
+
+
+def _check_sample(s, L, depth, variant):
+    tok = M.get_tokenizer()
+    ids = tok.encode(s["prompt"], allowed_special="all")
+    assert len(ids) == L and s["length"] == L                       # exact, by the real tokenizer
+    assert (needle.encode(s["prompt"]) == ids).all() and needle.n_tokens_of(s["prompt"]) == L
+    assert s["prompt"].startswith("<|im_start|>user\n") and s["prompt"].endswith("<|im_start|>assistant\n")
+    n_keys, n_vals, n_query = needle.SHAPES[variant]
+    ctx = _context(s["prompt"])
+    found = _NEEDLE_RE.findall(ctx)
+    assert len(_re.findall(r"\d+", ctx)) == len(found)               # numbers occur only inside needles
+    asked = [(k, v) for k, v in found if k in s["keys"]]
+    others = [(k, v) for k, v in found if k not in s["keys"]]
+    assert len(s["keys"]) == n_query and len(s["values"]) == n_query * n_vals == len(asked)
+    assert sorted(v for _, v in asked) == sorted(s["values"])        # every value once, under its own key
+    if variant == "multiquery":
+        assert dict(asked) == dict(zip(s["keys"], s["values"]))
+    assert all(k not in s["keys"] and v not in s["values"] for k, v in others)   # distractors differ
+    if s["haystack"] != "needle":
+        assert len(others) == n_keys - n_query                        # multikey's three distractor keys
+    assert needle.score(s["answer"], s["values"]) == 1.0 and s["question"] in s["prompt"]
+    # the asked needles form one block at depth% of the haystack (within one sentence)
+    sents = [m.start() for m in _NEEDLE_RE.finditer(ctx) if m.group(1) in s["keys"]]
+    block = " ".join(m.group(0) for m in _NEEDLE_RE.finditer(ctx) if m.group(1) in s["keys"])
+    start = ctx.index(block)
+    assert start == sents[0]
+    hay = ctx[:start] + ctx[start + len(block):]
+    longest = max(len(x) for x in _re.split(r"(?<=\.) ", hay)) + 1 if hay.strip() else 0
+    assert abs(start - depth / 100 * len(hay)) <= longest + 1, (start, depth, len(hay))
+    if depth == 0:
+        assert start == 0
+    if depth == 100:
+        assert ctx.endswith(block)
+
+
+@pytest.mark.parametrize("variant", needle.VARIANTS)
+def test_needle_exact_length_depth_and_contents(variant):
+    lengths = sorted({needle.min_tokens(variant), 1000, 4096} | ({300} if variant == "single" else set()))
+    for haystack in needle.HAYSTACKS:
+        for L in lengths:
+            for i, depth in enumerate((0, 33, 50, 71.5, 100)):
+                s = needle.make_sample(L, depth, variant, haystack, seed=i)
+                assert (s["variant"], s["haystack"], s["depth"], s["seed"]) == (variant, haystack, depth, i)
+                _check_sample(s, L, depth, variant)
+
+
+def test_needle_long_prompts_and_seeds():
+    for haystack in needle.HAYSTACKS:
+        s = needle.make_sample(131072, 25, "multivalue", haystack, seed=7)
+        _check_sample(s, 131072, 25, "multivalue")
+    s = needle.make_sample(1 << 20, 90, "single", "essay", seed=1)     # 1M: 1 MB of prompt
+    assert len(M.get_tokenizer().encode(s["prompt"], allowed_special="all")) == 1 << 20
+    a, b = needle.make_sample(2000, 40, "multikey", "needle", 5), needle.make_sample(2000, 40, "multikey", "needle", 5)
+    assert a == b                                                       # same seed -> same sample
+    c = needle.make_sample(2000, 40, "multikey", "needle", 6)
+    assert set(c["values"]).isdisjoint(a["values"]) and c["keys"] != a["keys"] and c["prompt"] != a["prompt"]
+    d = needle.make_sample(3000, 80, "multikey", "needle", 5)           # same seed, other cell: same needle
+    assert (d["keys"], d["values"], d["answer"]) == (a["keys"], a["values"], a["answer"])
+    assert needle.min_tokens("single") <= 300
+    for bad in [dict(n_tokens=450, depth=50, variant="multiquery"), dict(n_tokens=250, depth=50),
+                dict(n_tokens=1000, depth=101), dict(n_tokens=1000, depth=-1), dict(n_tokens=1000, depth=0, variant="x"),
+                dict(n_tokens=1000, depth=0, haystack="x")]:
+        with pytest.raises(ValueError):
+            needle.make_sample(**bad)
+
+
+def test_needle_score_table():
+    cases = [("The special magic number for x is 1234567.", ["1234567"], 1.0),
+             ("", ["1234567"], 0.0),
+             ("no numbers here at all", ["1234567"], 0.0),
+             ("123456", ["1234567"], 0.0),                                   # a prefix is not the value
+             ("the values are 1111111 and 3333333.", ["1111111", "2222222", "3333333", "4444444"], 0.5),
+             ("4444444, 3333333, 2222222, 1111111", ["1111111", "2222222", "3333333", "4444444"], 1.0),
+             ("APPLE-pie", ["apple-PIE"], 1.0),                              # case-insensitive
+             ("1111111 1111111 1111111", ["1111111", "2222222", "3333333"], 1 / 3)]
+    for pred, values, want in cases:
+        assert needle.score(pred, values) == pytest.approx(want), (pred, values)
+
+
+def test_needle_training_batch():
+    tok = M.get_tokenizer()
+    B, T = 12, 1024
+    idx, tgt, pos = needle.training_batch(B, T, step=3, seed=1)
+    assert idx.shape == tgt.shape == pos.shape == (B, T) and idx.dtype == tgt.dtype == pos.dtype == torch.long
+    assert torch.equal(pos, torch.arange(T).expand(B, T))             # no max_pos: plain positions
+    lens, shapes = [], set()
+    for b in range(B):
+        m = tgt[b] != -1
+        first, last = int(m.nonzero()[0]), int(m.nonzero()[-1])
+        assert m[first:last + 1].all()                                  # one contiguous span
+        n = first + 1                                                   # prompt length
+        prompt = tok.decode(idx[b, :n].tolist())
+        assert prompt.endswith("<|im_start|>assistant\n") and len(tok.encode(prompt, allowed_special="all")) == n
+        assert torch.equal(tgt[b, first:last + 1], idx[b, first + 1:last + 2])   # next tokens
+        assert (idx[b, last + 2:] == M.PAD).all()
+        target = tok.decode(tgt[b, m].tolist())
+        assert target.endswith("<|im_end|>") and int(tgt[b, last]) == M.IM_END
+        # the answer, rebuilt from the prompt alone: the asked keys' values in the question's order
+        q = _re.search(r"special magic numbers? for (.+) mentioned in the provided text\?<\|im_end\|>", prompt).group(1)
+        keys = _re.split(r", and |, ", q)
+        pairs = _NEEDLE_RE.findall(_context(prompt))
+        vals = [v for k in keys for kk, v in pairs if kk == k]
+        if len(keys) == 1 and len(vals) > 1:
+            shapes.add("multivalue")
+        noun, verb = ("number", "is") if len(vals) == 1 else ("numbers", "are")
+        assert target == f"The special magic {noun} for {q} mentioned in the provided text {verb} {', '.join(vals)}.<|im_end|>"
+        lens.append(last + 2)
+    assert len(set(lens)) > B // 2 and max(lens) <= T                   # mixed lengths
+    # deterministic in (seed, step, rank, world); one global stream whatever the world size
+    again = needle.training_batch(B, T, step=3, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(again, (idx, tgt, pos)))
+    assert not torch.equal(needle.training_batch(B, T, step=4, seed=1)[0], idx)
+    assert not torch.equal(needle.training_batch(B, T, step=3, seed=2)[0], idx)
+    r1 = needle.training_batch(4, T, step=3, rank=1, world=2)
+    assert all(torch.equal(x, y) for x, y in zip(r1, needle.training_batch(4, T, step=7)))   # (3*2+1)*4 = 7*4
+    assert not torch.equal(r1[0], needle.training_batch(4, T, step=3, rank=0, world=2)[0])
+    # PoSE: strictly increasing, within [0, max_pos), reaching past the window; answer positions contiguous
+    max_pos = 1 << 16
+    idx2, tgt2, pos2 = needle.training_batch(B, T, step=3, seed=1, max_pos=max_pos)
+    assert torch.equal(idx2, idx) and torch.equal(tgt2, tgt)
+    assert (pos2.diff(dim=1) > 0).all() and (pos2[:, 0] == 0).all() and int(pos2.max()) < max_pos
+    assert (pos2[:, -1] >= T).sum() >= B - 1 and (pos2.diff(dim=1) > 1).any(dim=1).sum() >= B - 1
+    for b in range(B):   # jumps only inside the haystack: instruction, question and answer stay contiguous
+        nl = (idx2[b] == ord("\n")).nonzero()[:, 0].tolist()
+        assert len(nl) == 5                         # user\n, after the instruction, before the question, 2 in the template
+        end = int((tgt2[b] != -1).nonzero()[-1]) + 2
+        assert (pos2[b, :nl[1] + 1].diff() == 1).all() and (pos2[b, nl[2]:end].diff() == 1).all()
+    # configurable mix; windows too short for a variant leave it out, too short for all -> error
+    _, t3, _ = needle.training_batch(6, 1024, 0, variants=("multivalue",), haystacks=("essay",))
+    for b in range(6):
+        assert len(_re.findall(r"\d{7}", tok.decode(t3[b][t3[b] != -1].tolist()))) == 4
+    i4, t4, _ = needle.training_batch(8, 420, 0)                       # only single fits in 420 tokens
+    assert all(len(_re.findall(r"\d{7}", tok.decode(t4[b][t4[b] != -1].tolist()))) == 1 for b in range(8))
+    with pytest.raises(ValueError):
+        needle.training_batch(2, 200, 0)
+
+
+def _tiny_needle_model(attn="mla", dtype=torch.float32):
+    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, attn=attn)
+    torch.manual_seed(0)
+    return M.Transformer(cfg).to(dtype).eval()
+
+
+def test_needle_evaluate_matches_uncached_greedy(_one_thread):
+    tok = M.get_tokenizer()
+    for attn in ("mla", "mha"):
+        m = _tiny_needle_model(attn, torch.float64)
+        rows = needle.evaluate(m, [300, 320], [0, 100], samples=2, variant="single", haystack="essay", seed=4,
+                               max_new_tokens=6, log=False)
+        assert [(r["length"], r["depth"], r["seed"]) for r in rows] == [(L, d, 4 + i) for L in (300, 320) for d in (0, 100)
+                                                                        for i in range(2)]
+        one = needle.evaluate(m, [300, 320], [0, 100], samples=2, variant="single", haystack="essay", seed=4,
+                              max_new_tokens=6, batch_tokens=1, log=False)             # batch of one: same answers
+        assert [r["prediction"] for r in one] == [r["prediction"] for r in rows]
+        for r in rows[:2] + rows[-1:]:
+            s = needle.make_sample(r["length"], r["depth"], "single", "essay", r["seed"])
+            assert "prompt" not in r and r["values"] == s["values"] and r["question"] == s["question"]
+            ids = torch.tensor([tok.encode(s["prompt"], allowed_special="all")])
+            out = []
+            for _ in range(6):   # reference: greedy by full forward passes, no cache
+                t = int(m(ids)[0, -1].argmax())
+                if t in M.STOP_IDS:
+                    break
+                out.append(t)
+                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+            assert r["prediction"] == tok.decode(out)
+            assert r["score"] == needle.score(r["prediction"], r["values"])
+        sm = needle.summarize(rows)
+        assert sm["accuracy"] == pytest.approx(sum(r["score"] for r in rows) / len(rows)) and sm["n"] == 8
+
+
+def _kamradt_rgb(x):
+    stops = [(0xF0, 0x49, 0x6E), (0xEB, 0xB8, 0x39), (0x0C, 0xD7, 0x9F)]     # red, yellow, green at 0, 0.5, 1
+    i = min(int(x * 2), 1)
+    f = x * 2 - i
+    return [(a + (b - a) * f) / 255 for a, b in zip(stops[i], stops[i + 1])]
+
+
+def test_needle_cli_json_and_heatmap(tmp_path, _one_thread):
+    import matplotlib.image as mpimg
+    M.save_checkpoint(str(tmp_path / "tiny" / "ckpt.pt"), _tiny_needle_model())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "needle.py"), "--ckpt=tiny/ckpt.pt", "--lengths=300,320", "--depths=0,50,100",
+           "--samples=2", "--haystack=essay", "--max_new_tokens=12", "--out=results/n.json"]
+    p = _subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert len([line for line in p.stderr.splitlines() if line.startswith("needle: cell ")]) == 6   # a line per cell
+    data = _json.load(open(tmp_path / "results" / "n.json"))
+    prov = data["provenance"]
+    assert prov["card"] == "CPU" and prov["torch"] == torch.__version__ and prov["date"] and prov["git_commit"]
+    assert "triton" in prov and "--lengths=300,320" in prov["command"]
+    assert data["config"]["lengths"] == [300, 320] and data["config"]["depths"] == [0, 50, 100]
+    assert len(data["samples"]) == 12
+    for r in data["samples"]:
+        assert {"length", "depth", "variant", "haystack", "seed", "question", "prediction", "values", "score"} <= set(r)
+        assert "prompt" not in r and r["haystack"] == "essay"
+        assert r["score"] == judge.string_match_all(r["prediction"], r["values"])
+    assert data["summary"]["accuracy"] == pytest.approx(sum(r["score"] for r in data["samples"]) / 12)
+    img = mpimg.imread(tmp_path / "results" / "n.png")
+    assert img.ndim == 3 and img.shape[0] >= 300 and img.shape[1] >= 400
+    assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 50          # not blank
+    for x in {v for row in data["summary"]["grid"] for v in row}:              # each cell's colour is drawn
+        assert (np.abs(img[..., :3] - _kamradt_rgb(x)).max(axis=-1) < 3 / 255).sum() > 100, x
+    # the same checkpoint for DPO pairs, through main() in-process
+    os.chdir(tmp_path)
+    try:
+        assert needle.main(["--pairs", "--ckpt=tiny", "--lengths=500", "--depths=50", "--samples=2",
+                            "--variant=multikey", "--max_new_tokens=4", "--out=results/p.jsonl"]) == 0
+    finally:
+        os.chdir(ROOT)
+    pairs = [_json.loads(line) for line in open(tmp_path / "results" / "p.jsonl")]
+    meta = _json.load(open(tmp_path / "results" / "p.meta.json"))
+    assert len(pairs) == 2 and meta["pairs"] == 2 and meta["provenance"]["command"]
+    for q in pairs:
+        s = needle.make_sample(q["length"], q["depth"], q["variant"], q["haystack"], q["seed"])
+        assert q["seed"] >= 1_000_000 and q["prompt"] == s["prompt"] and q["chosen"] == s["answer"]
+        assert q["rejected"] == q["prediction"] and q["rejected_source"] == "model"   # a random model is wrong
+
+
+def test_needle_rejected_when_model_is_right():
+    for variant, haystack in (("multikey", "noise"), ("single", "needle"), ("multivalue", "noise")):
+        s = needle.make_sample(2000, 50, variant, haystack, seed=3)
+        w = needle._wrong_answer(s)
+        assert needle.score(w, s["values"]) == 0.0 and w != s["answer"]
+        assert w.split(" text ")[0] == s["answer"].split(" text ")[0]          # same wording, other numbers
+        new = _re.findall(r"\d{7}", w)
+        if s["distractor_values"]:                                              # a distractor's value from the prompt
+            assert all(v in s["prompt"] for v in new)
+            assert all(v in s["distractor_values"] for v in new[:len(s["distractor_values"])])
+        else:                                                                   # else one digit away
+            for a, b in zip(new, s["values"]):
+                assert sum(x != y for x, y in zip(a, b)) == 1 and a[0] != "0"
+
+
+def test_needle_cli_errors(tmp_path, capsys):
+    M.save_checkpoint(str(tmp_path / "m.pt"), _tiny_needle_model())
+    ck = f"--ckpt={tmp_path / 'm.pt'}"
+    bad = {"--lengths=-300": "--lengths", "--lengths=4x": "--lengths", "--depths=0,150": "--depths",
+           "--depths=a": "--depths", "--variant=triple": "--variant", "--haystack=sand": "--haystack",
+           "--samples=0": "--samples", "--lengths=100": "too short", "--bogus=1": "--bogus", "samples=3": "--key=value"}
+    for arg, word in bad.items():
+        with pytest.raises(SystemExit) as e:
+            needle.main([ck, arg])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and word in err, (arg, err)
+    os.chdir(tmp_path)   # no --ckpt and no default checkpoint here
+    try:
+        with pytest.raises(SystemExit) as e:
+            needle.main([])
+    finally:
+        os.chdir(ROOT)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "python train.py" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        needle.main([f"--ckpt={tmp_path / 'junk.pt'}", "--lengths=300"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "junk.pt" in err
+    # a real process: one line, no traceback, exit 2
+    p = _subprocess.run([sys.executable, os.path.join(ROOT, "needle.py"), "--ckpt=missing.pt", "--lengths=300"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == "needle.py: error: checkpoint missing.pt: no such file", p.stderr
+    with pytest.raises(SystemExit) as e:
+        needle.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all(f"--{f.name}=" in out for f in _dataclasses.fields(needle.NeedleConfig))
+
 
 
 # ============================================================================ train (issue 6)
