@@ -268,7 +268,8 @@ def _build(spec, n_tokens, depth, haystack, rng):
 def make_sample(n_tokens, depth, variant="single", haystack="noise", seed=0):
     """A sample whose prompt is exactly n_tokens tokens (ChatML included, ending with the assistant header),
     with the asked needle(s) at depth percent of the haystack. Same seed -> same keys and values at every
-    length and depth (a grid compares like with like)."""
+    length and depth (a grid compares like with like). Also returns "keys" (the asked keys) and
+    "distractor_values" (values of other keys' needles near the asked ones or elsewhere: DPO's wrong answers)."""
     if variant not in SHAPES:
         raise ValueError(f"unknown variant {variant!r} (one of {', '.join(VARIANTS)})")
     if haystack not in HAYSTACKS:
@@ -360,6 +361,7 @@ def evaluate(model, lengths, depths, samples=10, variant="single", haystack="noi
     """Greedy needle retrieval over a lengths x depths grid -> list of per-sample dicts (length, depth,
     variant, haystack, seed, question, answer, prediction, values, score); accuracy = summarize(rows)["accuracy"].
     log: print a progress line per cell to stderr."""
+    lengths = [parse_length(L) if isinstance(L, str) else L for L in lengths]
     was_training = model.training
     model.eval()
     rows, t0, cells = [], time.time(), _cells(lengths, depths)
@@ -398,6 +400,7 @@ def make_pairs(model, lengths, depths, n, variant="single", haystack="noise", se
     model's own answer when it is wrong, else the answer with every value swapped for a wrong one (a
     distractor's value from the sample when there is one, else a plausible 7-digit number one digit away).
     The CLI passes seed + 1e6 so that pairs never repeat the evaluation's samples."""
+    lengths = [parse_length(L) if isinstance(L, str) else L for L in lengths]
     was_training = model.training
     model.eval()
     pairs, t0, cells = [], time.time(), _cells(lengths, depths)
@@ -566,6 +569,8 @@ def provenance(device):
 def main(argv):
     cfg, lengths, depths = parse_args(argv)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        die(f"--device={device} but this torch ({torch.__version__}) sees no CUDA GPU")
     dtype = DTYPES[cfg.dtype or ("bf16" if device.startswith("cuda") else "fp32")]
     try:
         model = M.load_checkpoint(cfg.ckpt, device).to(dtype).eval()
