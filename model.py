@@ -548,8 +548,10 @@ def hf_config(cfg, dtype=torch.bfloat16):
         "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
         "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
         "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
-        "rms_norm_eps": cfg.rms_norm_eps, "initializer_range": cfg.initializer_range,
-        "max_position_embeddings": max_pos, "rope_theta": cfg.rope_theta, "rope_scaling": rs, "rope_interleave": True,
+        # vLLM also applies rms_norm_eps to q_a/kv_a_layernorm, where transformers and we use 1e-6: keep it 1e-6
+        "rms_norm_eps": float(cfg.rms_norm_eps), "initializer_range": cfg.initializer_range,
+        "max_position_embeddings": max_pos, "rope_theta": float(cfg.rope_theta), "rope_scaling": rs,
+        "rope_interleave": True,
         # dense: no layer reaches first_k_dense_replace, so the MoE fields (DeepSeek-V3's values) are inert,
         # but they stay integers because vLLM does arithmetic on n_routed_experts even without MoE layers
         "first_k_dense_replace": L, "moe_layer_freq": 1, "n_routed_experts": 256, "n_shared_experts": 1,
@@ -645,7 +647,7 @@ def load_hf(in_dir, dtype=torch.float32):
     from safetensors.torch import load_file
 
     def fail(why):
-        raise CheckpointError(f"checkpoint {in_dir}: {why}")
+        raise CheckpointError(" ".join(f"checkpoint {in_dir}: {why}".split())[:400])   # one line
 
     try:
         with open(os.path.join(in_dir, "config.json"), encoding="utf-8") as f:
@@ -654,8 +656,9 @@ def load_hf(in_dir, dtype=torch.float32):
         fail("no config.json (not a Hugging Face folder)")
     except ValueError as e:
         fail(f"config.json is not valid JSON ({e})")
-    if not isinstance(d, dict) or d.get("model_type") != "deepseek_v3":
-        fail(f"config.json model_type is {d.get('model_type') if isinstance(d, dict) else None!r}, not 'deepseek_v3'")
+    kind = d.get("model_type") if isinstance(d, dict) else type(d).__name__
+    if kind != "deepseek_v3":
+        fail(f"config.json model_type is {kind!r}, not 'deepseek_v3'")
     if (d.get("first_k_dense_replace") or 0) < (d.get("num_hidden_layers") or 0) or d.get("num_nextn_predict_layers"):
         fail("MoE or multi-token-prediction layers are not supported (first_k_dense_replace must equal "
              "num_hidden_layers, num_nextn_predict_layers 0)")
@@ -691,11 +694,11 @@ def load_hf(in_dir, dtype=torch.float32):
         try:
             sd.update(load_file(os.path.join(in_dir, fname)))
         except Exception as e:   # missing shard, truncated file, not safetensors
-            fail(f"{fname}: unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+            fail(f"{fname}: unreadable ({type(e).__name__}: {str(e)[:160]})")
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
     model = Transformer(cfg)
     try:
         model.load_state_dict(sd)
     except RuntimeError as e:
-        fail(f"weights do not match config.json ({' '.join(str(e).split())[:240]})")
+        fail(f"weights do not match config.json ({str(e)[:300]})")
     return model.to(dtype)

@@ -251,6 +251,7 @@ def test_hf_transformers_logits_parity(tmp_path, q_lora, yarn_on):
     assert not info["error_msgs"], info
     assert hf.generation_config.eos_token_id == [M.IM_END, M.EOT] and hf.config.bos_token_id == M.EOT
     idx = torch.randint(0, m.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(3))
+    idx[:, :8] = torch.tensor([M.EOT, M.IM_START, M.IM_END, M.PAD, 0, 1, 255, 263])  # pad_token_id's row too
     with torch.no_grad():
         ours, theirs = m(idx), hf(idx).logits
     tol = 1e-4 * max(1.0, ours.abs().max().item())
