@@ -389,6 +389,14 @@ class Transformer(nn.Module):
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim if c.attn == "mla" else c.v_head_dim
         return 6 * self.num_params() + 6 * c.num_hidden_layers * c.num_attention_heads * (qk + c.v_head_dim) * seq_len
 
+    def _apply(self, fn, recurse=True):
+        # .to(torch.bfloat16) would round the RoPE frequencies with the weights; angles at 1M positions
+        # need fp32 (as HF and vLLM keep them), so the buffer follows the device but never the dtype
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, idx, targets=None, pos=None, cache=None):
         """idx (B, T) token ids; pos (B, T) explicit positions (PoSE may skip ahead; default 0..T-1, or
         continuing from cache.seq_lens); targets (B, T) with -1 where no loss is taken. With a cache the

@@ -173,6 +173,12 @@ def test_model_sample_top_k_top_p_support():
     assert seen == {0, 1, 2}
 
 
+def test_model_rope_frequencies_stay_fp32_under_bf16():
+    m = M.Transformer(_tiny_cfg()).to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m.inv_freq, M.rope_frequencies(m.config, 16)[0], rtol=0, atol=0)
+
+
 def test_model_tokenizer_bytes_and_specials():
     enc = M.get_tokenizer()
     assert enc.n_vocab == M.ModelConfig().vocab_size == 264
