@@ -173,6 +173,12 @@ def test_model_sample_top_k_top_p_support():
     assert seen == {0, 1, 2}
 
 
+def test_model_rope_frequencies_stay_fp32_under_bf16():
+    m = M.Transformer(_tiny_cfg()).to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m.inv_freq, M.rope_frequencies(m.config, 16)[0], rtol=0, atol=0)
+
+
 def test_model_tokenizer_bytes_and_specials():
     enc = M.get_tokenizer()
     assert enc.n_vocab == M.ModelConfig().vocab_size == 264
@@ -213,6 +219,219 @@ def test_model_checkpoint_roundtrip_and_clear_errors(tmp_path):
 
 
 # ============================================================================ hf export (issue 3)
+import json as _hf_json  # noqa: E402
+import random as _hf_random  # noqa: E402
+
+
+def _hf_model(q_lora=None, yarn_on=False, bf16_exact=True, seed=0, **kw):
+    """A tiny MLA model; nope != rope != v widths so that a swapped dimension cannot pass. With bf16_exact the
+    weights are rounded to bf16 first, so the default bf16 export holds them exactly."""
+    cfg = _tiny_cfg(q_lora_rank=q_lora, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=20,
+                    rope_scaling=M.yarn(8, 32) if yarn_on else None, **kw)
+    m = _model(cfg, torch.float32, seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("q_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight")):
+                p.mul_(8)   # peaked attention: positions (RoPE, YaRN) then move the logits visibly
+            if bf16_exact:
+                p.copy_(p.bfloat16().float())
+    return m
+
+
+def _hf_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("q_lora,yarn_on", [(None, False), (24, False), (None, True), (24, True)])
+def test_hf_transformers_logits_parity(tmp_path, q_lora, yarn_on):
+    """transformers' own DeepseekV3ForCausalLM, loaded from our export, gives our logits; under YaRN the
+    sequence (200) runs far past the original 32 positions, where the YaRN frequencies and m^2 matter."""
+    from transformers import AutoModelForCausalLM
+    m = _hf_model(q_lora, yarn_on)
+    M.export_hf(m, str(tmp_path))
+    hf, info = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager", dtype=torch.float32,
+                                                    output_loading_info=True)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not info["error_msgs"], info
+    assert hf.generation_config.eos_token_id == [M.IM_END, M.EOT] and hf.config.bos_token_id == M.EOT
+    idx = torch.randint(0, m.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(3))
+    idx[:, :8] = torch.tensor([M.EOT, M.IM_START, M.IM_END, M.PAD, 0, 1, 255, 263])  # pad_token_id's row too
+    with torch.no_grad():
+        ours, theirs = m(idx), hf(idx).logits
+    tol = 1e-4 * max(1.0, ours.abs().max().item())
+    assert (ours - theirs).abs().max().item() <= tol
+    if yarn_on:  # the same weights without YaRN are far off: the comparison above really exercised YaRN
+        plain = M.Transformer(M.ModelConfig(**{**M.asdict(m.config), "rope_scaling": None})).eval()
+        plain.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            assert (plain(idx) - theirs).abs().max().item() > 100 * tol, (plain(idx) - theirs).abs().max().item() / tol
+
+
+def test_hf_roundtrip_bit_exact_shards_and_generations(tmp_path):
+    # float32 export: load_hf reproduces every weight bit for bit, and the config
+    m = _hf_model(24, True, bf16_exact=False, max_position_embeddings=256)     # 256 = 8 x 32, as exported
+    M.export_hf(m, str(tmp_path / "f32"), dtype=torch.float32)
+    back = M.load_hf(str(tmp_path / "f32"))
+    assert _hf_same_weights(m, back) and back.config == m.config
+    # default bf16 export: exactly the bf16-rounded weights, loaded as float32
+    M.export_hf(m, str(tmp_path / "bf16"))
+    rounded = M.Transformer(m.config)
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in m.state_dict().items()})
+    assert _hf_same_weights(rounded, M.load_hf(str(tmp_path / "bf16")))
+    assert not _hf_same_weights(m, rounded)                                    # the rounding was real
+    # sharded: every file within the limit (or one tensor alone), an index naming every tensor once
+    d, limit = tmp_path / "sharded", 16 * 1024
+    M.export_hf(m, str(d), max_shard_bytes=limit)
+    from safetensors import safe_open
+    index = _hf_json.loads((d / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (d / "model.safetensors").exists()
+    assert sorted(index["weight_map"]) == sorted(M.hf_name(k) for k in m.state_dict())
+    total = 0
+    for f in files:
+        with safe_open(str(d / f), "pt") as sf:
+            sizes = [sf.get_tensor(k).numel() * 2 for k in sf.keys()]
+            assert set(sf.keys()) == {k for k, v in index["weight_map"].items() if v == f}
+        assert sum(sizes) <= limit or len(sizes) == 1
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    assert _hf_same_weights(rounded, M.load_hf(str(d)))
+    M.export_hf(m, str(d))                          # re-export into the same folder: one file, no stale shards
+    assert sorted(p.name for p in d.glob("model*")) == ["model.safetensors"]
+    # a ckpt.pt and its export generate the same tokens (greedy), both through load_checkpoint
+    mb = _hf_model(None, True, seed=1)
+    M.save_checkpoint(str(tmp_path / "ckpt.pt"), mb)
+    M.export_hf(M.load_checkpoint(str(tmp_path / "ckpt.pt")), str(tmp_path / "export"))
+    a, b = M.load_checkpoint(str(tmp_path / "ckpt.pt")), M.load_checkpoint(str(tmp_path / "export"))
+    assert _hf_same_weights(a, b)
+    idx = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(0))
+    ga, gb = a.generate(idx, 30, stop_ids=()), b.generate(idx, 30, stop_ids=())
+    assert ga == gb and len(ga[0]) == 30
+    # the shipped `small` preset fits one file of <= 15 MiB
+    M.export_hf(M.Transformer(M.PRESETS["small"]), str(tmp_path / "small"))
+    assert sorted(p.name for p in (tmp_path / "small").glob("model*")) == ["model.safetensors"]
+    assert (tmp_path / "small" / "model.safetensors").stat().st_size <= 15 * 2**20
+
+
+def test_hf_tokenizer_ids_decode_and_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+    M.export_hf(_hf_model(), str(tmp_path))
+    tok, enc = AutoTokenizer.from_pretrained(str(tmp_path)), M.get_tokenizer()
+    assert len(tok) == enc.n_vocab == 264
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (M.EOT, M.IM_END, M.PAD)
+    table = ["", "hello world", "héllo  wörld", "naïve café Ångström", "🙂👍🏽👨‍👩‍👧", "中文字符 日本語 한국어",
+             "tab\there\t\tend", "line\nbreak\r\n\n\nend\n", "runs     of      spaces   ", "   leading", "x  \n  y",
+             "it's we'll I'M they've", "<|endoftext|>", "a<|im_end|>b<|im_start|>c", "text <|endoftext|> more",
+             "<|pad|><|reserved_3|>", "<|not_special|>", "123 4567 8.9e-3", "\u00a0nbsp\u2003em\u200bzw",
+             "\x00\x01\x7f control", "ﬁ ligature Ⅻ ½ ①", "a\u0301 combining", "🙂" * 5 + "<|im_end|>"]
+    rng = _hf_random.Random(0)
+    pool = "aZ9 \t\n'é中🙂\u00a0\u0301.,!" + "".join(M.SPECIAL_TOKENS[:3])
+    table += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(100)]
+    for s in table:   # ids, not only round trips: a wrong byte order would still round-trip
+        want = enc.encode(s, allowed_special="all")
+        assert tok.encode(s, add_special_tokens=False) == want, s
+        assert tok(s)["input_ids"] == want, s                     # nothing added around (no BOS)
+        assert tok.decode(want) == s
+    for _ in range(300):  # random ids, many of them invalid UTF-8 (lone continuation bytes, cut sequences)
+        ids = [rng.choice([rng.randrange(264), rng.randrange(0x80, 0x100), rng.randrange(0x20, 0x7f)])
+               for _ in range(rng.randint(1, 24))]
+        assert tok.decode(ids) == enc.decode(ids, errors="replace"), ids
+    chats = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": "héllo 🙂\nline 2"},
+              {"role": "assistant", "content": "ok\n\n"}, {"role": "user", "content": "  spaces  "}]]
+    for msgs in chats:
+        for gen in (True, False):
+            assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == M.chat_prompt(msgs, gen)
+
+
+# The config keys vLLM's DeepSeek-V3 code reads for a dense MLA model (read statically; vLLM does not run
+# here), from vllm/model_executor/models/deepseek_v2.py (DeepseekV2DecoderLayer, DeepseekV2MLAAttention,
+# DeepseekV2Model(.load_weights), DeepseekV2ForCausalLM, get_spec_layer_idx_from_weight_name) and
+# vllm/transformers_utils/model_arch_config_convertor.py (is_deepseek_mla, get_head_size,
+# get_total_num_kv_heads, derive_max_model_len_and_key); rope_theta/rope_scaling become its rope_parameters.
+_VLLM_KEYS = {
+    "architectures": list, "model_type": str, "vocab_size": int, "hidden_size": int, "num_hidden_layers": int,
+    "num_attention_heads": int, "num_key_value_heads": int, "intermediate_size": int, "hidden_act": str,
+    "rms_norm_eps": float, "max_position_embeddings": int, "q_lora_rank": (int, type(None)), "kv_lora_rank": int,
+    "qk_nope_head_dim": int, "qk_rope_head_dim": int, "v_head_dim": int,
+    "n_routed_experts": int, "first_k_dense_replace": int, "moe_layer_freq": int, "routed_scaling_factor": float,
+    "n_group": int, "num_nextn_predict_layers": int, "rope_theta": float, "rope_scaling": (dict, type(None)),
+    # read only by MoE layers (none here), kept as DeepSeek-V3 integers
+    "n_shared_experts": int, "moe_intermediate_size": int, "num_experts_per_tok": int, "topk_group": int,
+    "norm_topk_prob": bool,
+}
+_VLLM_YARN_KEYS = {"rope_type": str, "factor": float, "original_max_position_embeddings": int, "beta_fast": float,
+                   "beta_slow": float, "mscale": float, "mscale_all_dim": float}
+_VLLM_MUST_BE_ABSENT = ["index_topk", "compress_ratios", "llama_4_scaling"]   # V3.2 indexer, V4, Llama-4 scaling
+
+
+@pytest.mark.parametrize("q_lora,yarn_on", [(None, False), (24, True)])
+def test_hf_config_has_every_key_vllm_reads(tmp_path, q_lora, yarn_on):
+    m = _hf_model(q_lora, yarn_on)
+    M.export_hf(m, str(tmp_path))
+    c = _hf_json.loads((tmp_path / "config.json").read_text())
+    for key, typ in _VLLM_KEYS.items():
+        assert key in c and isinstance(c[key], typ) and not (typ is int and isinstance(c[key], bool)), key
+    assert not any(k in c for k in _VLLM_MUST_BE_ABSENT) and "rope_parameters" not in c
+    cfg = m.config
+    assert c["architectures"] == ["DeepseekV3ForCausalLM"] and c["model_type"] == "deepseek_v3"
+    assert c["hidden_act"] == "silu" and c["rope_interleave"] is True and c["tie_word_embeddings"] is False
+    assert c["attention_bias"] is False and c["torch_dtype"] == "bfloat16"
+    assert c["num_key_value_heads"] == c["num_attention_heads"] == cfg.num_attention_heads
+    assert c["first_k_dense_replace"] == c["num_hidden_layers"] and c["num_nextn_predict_layers"] == 0
+    assert c["q_lora_rank"] == q_lora and c["kv_lora_rank"] + c["qk_rope_head_dim"] == M.cache_width(cfg)
+    assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (M.EOT, M.IM_END, M.PAD)
+    tcfg = _hf_json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tcfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tcfg["clean_up_tokenization_spaces"] is False
+    assert tcfg["model_max_length"] == c["max_position_embeddings"] and "chat_template" in tcfg
+    gen = _hf_json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [M.IM_END, M.EOT]
+    if not yarn_on:
+        assert c["rope_scaling"] is None and c["max_position_embeddings"] == cfg.max_position_embeddings
+        return
+    rs = c["rope_scaling"]
+    for key, typ in _VLLM_YARN_KEYS.items():
+        assert isinstance(rs[key], typ), key
+    assert rs["type"] == rs["rope_type"] == "yarn" and rs["mscale"] == rs["mscale_all_dim"]
+    assert c["max_position_embeddings"] == rs["factor"] * rs["original_max_position_embeddings"] == 256
+
+
+def test_hf_errors_are_one_line_and_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="MHA"):
+        M.export_hf(M.Transformer(_tiny_cfg(attn="mha")), str(tmp_path / "mha"))
+    good = tmp_path / "good"
+    M.export_hf(_hf_model(), str(good), max_shard_bytes=16 * 1024)
+    cases = {}
+
+    def case(name, why, edit):
+        d = tmp_path / name
+        d.mkdir()
+        for f in good.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        edit(d)
+        cases[name] = why
+
+    def set_config(**kw):
+        return lambda d: (d / "config.json").write_text(
+            _hf_json.dumps({**_hf_json.loads((good / "config.json").read_text()), **kw}))
+
+    case("foreign", "not 'deepseek_v3'", set_config(model_type="llama"))
+    case("moe", "MoE", set_config(first_k_dense_replace=1))
+    case("mismatch", "do not match", set_config(hidden_size=32))
+    case("badjson", "not valid JSON", lambda d: (d / "config.json").write_text("{oops"))
+    case("noweights", "no model.safetensors", lambda d: [p.unlink() for p in d.glob("model*")])
+    case("lostshard", "unreadable", lambda d: next(d.glob("model-00002-*")).unlink())
+    case("truncated", "unreadable", lambda d: next(d.glob("model-00001-*")).write_bytes(b"\x10\x00"))
+    for name, why in cases.items():
+        for load in (M.load_hf, M.load_checkpoint):   # load_checkpoint routes a folder with config.json here
+            with pytest.raises(M.CheckpointError) as e:
+                load(str(tmp_path / name))
+            msg = str(e.value)
+            assert str(tmp_path / name) in msg and why in msg and "\n" not in msg, msg
+    with pytest.raises(M.CheckpointError, match="no config.json"):
+        M.load_hf(str(tmp_path / "missing"))
 
 
 # ============================================================================ mla kernel (issue 4)
