@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -245,7 +244,10 @@ def causal_attention(q, k, v, scale, chunk=8192):
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
         n = S - T + e                                                        # keys visible to this chunk
-        mask = None if e - s == n else causal_lower_right(e - s, n)
+        mask = None
+        if e - s != n:  # a chunk after cached/earlier keys: causal aligned to the bottom right, never materialised
+            from torch.nn.attention.bias import causal_lower_right  # lazy: it imports torch._dynamo (seconds)
+            mask = causal_lower_right(e - s, n)
         out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :n], v[:, :, :n], attn_mask=mask,
                                                   is_causal=mask is None, scale=scale,
                                                   enable_gqa=k.shape[1] != H))
