@@ -35,7 +35,7 @@ import uuid
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 
@@ -46,7 +46,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
                                generate_latest)
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -441,6 +441,7 @@ class Metrics:
         self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
         self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
         self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.")
+        self.http = Counter("http_requests", "HTTP responses by status code (all routes).", ["status"], registry=reg)
         self.success = Counter("vllm:request_success", "Count of finished requests.", ["model_name", "finished_reason"],
                                registry=reg)
         self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
@@ -456,7 +457,30 @@ class Metrics:
 
 # ----------------------------------------------------------------------------- HTTP API
 class APIModel(BaseModel):
-    model_config = ConfigDict(allow_inf_nan=False)   # NaN / Infinity in JSON are bad input, not a sampling crash
+    # strict: JSON types as the schema says them (no "0.5" for a number, no false for a token id);
+    # NaN / Infinity are bad input, not a sampling crash
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def Int(**bounds):
+    """An integer as JSON Schema means it: 1.0 and 1e3 are integers too (strict pydantic alone refuses them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+TokenIds = Annotated[list[Int(ge=0)], Field(min_length=1)]
+
+
+def only_false(name):
+    """A boolean flag we do not support: false (or absent) only. (Literal[False] would let 0 through.)"""
+    def check(v):
+        if v:
+            raise ValueError(f"{name}=true is not supported")
+        return v
+    return Annotated[bool, AfterValidator(check), WithJsonSchema({"type": "boolean", "const": False})]
 
 
 class StreamOptions(APIModel):
@@ -466,15 +490,15 @@ class StreamOptions(APIModel):
 class SamplingRequest(APIModel):
     """What both endpoints share. top_k, repetition_penalty, ignore_eos and return_token_ids are vLLM's extensions."""
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: Int(ge=1) | None = None
     temperature: float | None = Field(None, ge=0.0, description="default 1; 0 is greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, description="0 or -1: off")
+    top_k: Int(ge=-1) | None = Field(None, description="0 or -1: off")
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 64)
+    seed: Int() | None = Field(None, description="any integer (taken mod 2**64)")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = 1
+    n: Int(ge=1, le=1) | None = Field(1, description="one choice per request")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
@@ -484,10 +508,11 @@ class SamplingRequest(APIModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool | None = False
-    logprobs: int | None = None
-    suffix: str | None = None
+    prompt: (Annotated[str, Field(min_length=1)] | TokenIds | Annotated[list[Annotated[str, Field(min_length=1)]],
+             Field(min_length=1, max_length=1)] | Annotated[list[TokenIds], Field(min_length=1, max_length=1)])
+    echo: only_false("echo") | None = False
+    logprobs: None = None
+    suffix: None = None
 
 
 class ContentPart(APIModel):
@@ -502,8 +527,8 @@ class ChatMessage(APIModel):
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = False
+    max_completion_tokens: Int(ge=1) | None = None
+    logprobs: only_false("logprobs") | None = False
 
 
 class ErrorBody(BaseModel):
@@ -518,6 +543,8 @@ class ErrorResponse(BaseModel):
 
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 503)}
+GENERATE = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                  "description": "the completion, or with stream: server-sent events ending `data: [DONE]`"}, **ERRORS}
 
 
 class APIError(Exception):
@@ -547,6 +574,24 @@ class BearerAuth:
                                   code="invalid_api_key")
                 return await resp(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class CountResponses:
+    """Wraps the whole app (outside Starlette's error middleware, so a 500 it makes is counted too):
+    http_requests_total{status} in /metrics."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counting_send)
 
 
 def sse(obj):
@@ -608,8 +653,6 @@ def build_app(engine, cfg, metrics):
         if body.model is not None and body.model != name:
             raise APIError(404, f"The model `{body.model}` does not exist (this server serves `{name}`).",
                            param="model", code="model_not_found")
-        if (body.n or 1) != 1:
-            raise APIError(400, "n > 1 is not supported: send n requests", param="n")
 
     def encode(text, param):
         if len(text) > 14 * L:   # no token is longer than 14 characters: surely too long, skip tokenizing it
@@ -695,7 +738,8 @@ def build_app(engine, cfg, metrics):
             raise APIError(503, "engine not running", "server_error")
         return {"status": "ok"}
 
-    @app.get("/metrics", summary="Prometheus metrics with vLLM's names")
+    @app.get("/metrics", summary="Prometheus metrics with vLLM's names",
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def prometheus_metrics():
         metrics.kv_usage.set(engine.kv_usage())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -705,16 +749,11 @@ def build_app(engine, cfg, metrics):
         return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
                                             "owned_by": "infinitecontext", "root": name, "max_model_len": L}]}
 
-    @app.post("/v1/completions", responses=ERRORS)
+    @app.post("/v1/completions", responses=GENERATE)
     async def completions(body: CompletionRequest, raw: HTTPRequest):
         check_model(body)
-        if body.echo or body.logprobs is not None or body.suffix is not None:
-            bad = "echo" if body.echo else "logprobs" if body.logprobs is not None else "suffix"
-            raise APIError(400, f"{bad} is not supported", param=bad)
         p = body.prompt
-        if isinstance(p, list) and p and isinstance(p[0], (str, list)):
-            if len(p) != 1:
-                raise APIError(400, "one prompt per request: send several requests", param="prompt")
+        if isinstance(p, list) and isinstance(p[0], (str, list)):   # the one-element batch form
             p = p[0]
         if isinstance(p, str):
             ids = encode(p, "prompt")
@@ -753,11 +792,9 @@ def build_app(engine, cfg, metrics):
                 yield sse({**head, "choices": [], "usage": usage(out)})
         return streaming(gen(), r)
 
-    @app.post("/v1/chat/completions", responses=ERRORS)
+    @app.post("/v1/chat/completions", responses=GENERATE)
     async def chat_completions(body: ChatCompletionRequest, raw: HTTPRequest):
         check_model(body)
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported", param="logprobs")
         msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
                  "".join(part.text for part in m.content or [])} for m in body.messages]
         ids = encode(M.chat_prompt(msgs), "messages")
@@ -795,6 +832,308 @@ def build_app(engine, cfg, metrics):
         return streaming(gen(), r)
 
     return app
+
+
+# ----------------------------------------------------------------------------- load generator
+# Used by `bench.py serve` and the robustness run: plain threads and http.client (stdlib only, so it also
+# runs where the server's web stack is not installed), one connection per request as a real client fleet.
+def client_request(url, path, body, api_key=None, timeout=600.0, hang_up_after=None):
+    """POST one request and time it. With body["stream"], every server-sent event is timestamped: TTFT is
+    the first chunk, ITLs the gaps between chunks. hang_up_after=k closes the socket after k chunks (or, for a
+    whole answer, after k/10 seconds): a client that goes away. Returns a dict; never raises."""
+    import http.client
+    import urllib.parse
+    u = urllib.parse.urlsplit(url)
+    rec = {"status": None, "ttft": None, "itl": [], "prompt_tokens": 0, "completion_tokens": 0, "error": None,
+           "done": False, "hung_up": False}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.request("POST", path, body=data, headers=headers)
+        if hang_up_after is not None and not (isinstance(body, dict) and body.get("stream")):
+            time.sleep(hang_up_after / 10)
+            rec["hung_up"] = True
+            return rec
+        resp = conn.getresponse()
+        rec["status"] = resp.status
+        if resp.status != 200 or not (isinstance(body, dict) and body.get("stream")):
+            raw = resp.read()
+            reply = json.loads(raw) if raw[:1] == b"{" else {}
+            rec["error"] = None if resp.status == 200 else raw[:300].decode(errors="replace")
+            u_ = reply.get("usage") or {}
+            rec["prompt_tokens"], rec["completion_tokens"] = u_.get("prompt_tokens", 0), u_.get("completion_tokens", 0)
+            rec["done"] = resp.status == 200
+            rec["latency"] = time.perf_counter() - t0
+            rec["ttft"] = rec["latency"] if resp.status == 200 else None
+            return rec
+        last, chunks = None, 0
+        while True:
+            line = resp.readline()
+            if not line:
+                rec["error"] = "stream ended without [DONE]"
+                break
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                rec["done"] = True
+                break
+            obj = json.loads(payload)
+            if "error" in obj:
+                rec["error"] = str(obj["error"])[:300]
+            if obj.get("usage"):
+                rec["prompt_tokens"] = obj["usage"]["prompt_tokens"]
+                rec["completion_tokens"] = obj["usage"]["completion_tokens"]
+            if obj.get("choices"):
+                now = time.perf_counter()
+                if last is None:
+                    rec["ttft"] = now - t0
+                else:
+                    rec["itl"].append(now - last)
+                last, chunks = now, chunks + 1
+                if hang_up_after is not None and chunks >= hang_up_after:
+                    rec["hung_up"] = True
+                    break
+        rec["latency"] = time.perf_counter() - t0
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        if rec["hung_up"] and conn.sock is not None:
+            conn.sock.shutdown(2)   # SHUT_RDWR: the server sees the disconnect now, not at garbage collection
+        conn.close()
+    return rec
+
+
+def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None):
+    """`concurrency` client threads, each sending make_request(i) -> (path, body, hang_up_after) back to back,
+    for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds)."""
+    counter, lock, records = iter(range(10 ** 9)), threading.Lock(), []
+    t0 = time.perf_counter()
+
+    def client():
+        while True:
+            with lock:
+                i = next(counter)
+            if (num_requests is not None and i >= num_requests) or (duration is not None and time.perf_counter() - t0 > duration):
+                return
+            path, body, hang_up = make_request(i)
+            rec = client_request(url, path, body, api_key, hang_up_after=hang_up)
+            rec["i"] = i
+            with lock:
+                records.append(rec)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0
+
+
+def summarize(records, wall):
+    """Throughput (generated tokens / wall second), TTFT and ITL percentiles in ms, status counts."""
+    def pct(xs, q):
+        xs = sorted(xs)
+        return round(1e3 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3) if xs else None
+
+    ok = [r for r in records if r["done"]]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    statuses = {}
+    for r in records:
+        key = "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
+        statuses[key] = statuses.get(key, 0) + 1
+    gen = sum(r["completion_tokens"] for r in ok)
+    return {"requests": len(records), "completed": len(ok), "statuses": statuses, "wall_s": round(wall, 3),
+            "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+            "throughput_tok_s": round(gen / wall, 2) if wall else None,
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+            "errors": sorted({r["error"] for r in records if r["error"]})[:10]}
+
+
+def spawn_server(flags, log_path, timeout=180):
+    """`python serve.py FLAGS --port=<free>` on loopback, returned once /health answers: (process, base URL)."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", "--host=127.0.0.1", *flags],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited with {proc.returncode}; see {log_path}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            if time.time() - t0 > timeout:
+                proc.kill()
+                raise RuntimeError(f"serve.py did not come up in {timeout} s; see {log_path}")
+            time.sleep(0.3)
+
+
+def scrape(url):
+    """/metrics as {name or name|label=value: float} (model_name left out of the key)."""
+    import re
+    import urllib.request
+    out = {}
+    for line in urllib.request.urlopen(url + "/metrics", timeout=30).read().decode().splitlines():
+        m = re.match(r"^([\w:]+)(?:\{([^}]*)\})? (\S+)$", line)
+        if m:
+            labels = [f"{k}={v}" for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(2) or "") if k != "model_name"]
+            out[m.group(1) + ("|" + ",".join(labels) if labels else "")] = float(m.group(3))
+    return out
+
+
+def provenance(command):
+    import datetime
+    import platform
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = os.environ.get("GIT_COMMIT", "unknown")
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return {"git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "card": card, "cpu": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
+            "torch": torch.__version__, "triton": triton_version, "python": platform.python_version(), "command": command}
+
+
+def robustness_request(i, name, max_model_len):
+    """Request i of the robustness mix (a pure function of i): valid completions and chats of every shape,
+    clients that hang up mid-stream or mid-wait, and bad input. -> (kind, path, body, hang_up_after)."""
+    import random
+    rng = random.Random(i)
+    kind = rng.choices(["completion", "chat", "hangup_stream", "hangup_wait", "bad"], [40, 25, 12, 8, 15])[0]
+    alphabet = "abcdefghij klmnop\n.,?!0123456789éß中文🙂" + "\x00\t"
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200)))
+    if rng.random() < 0.1:
+        text += "<|im_end|><|endoftext|>"
+    opt = {"max_tokens": rng.randint(1, 48), "temperature": rng.choice([0.0, 0.7, 1.0, 1.5]),
+           "top_p": rng.choice([None, 0.9, 0.3]), "top_k": rng.choice([None, 0, 1, 20]),
+           "seed": rng.choice([None, rng.randrange(2 ** 32)]), "stop": rng.choice([None, "a", ["\n", "xy"], []]),
+           "stream": rng.random() < 0.5, "ignore_eos": rng.random() < 0.5,
+           "repetition_penalty": rng.choice([None, 1.1]), "presence_penalty": rng.choice([None, 0.5])}
+    opt = {k: v for k, v in opt.items() if v is not None}
+    if opt["stream"] and rng.random() < 0.5:
+        opt["stream_options"] = {"include_usage": True}
+    chat = {"model": name, "messages": [{"role": r, "content": text[:rng.randint(1, 60)]}
+                                        for r in rng.sample(["system", "user", "assistant"], rng.randint(1, 3))]}
+    if kind in ("completion", "hangup_stream", "hangup_wait"):
+        body, path = {"model": name, "prompt": text, **opt}, "/v1/completions"
+        if rng.random() < 0.5:
+            body, path = {**chat, **opt}, "/v1/chat/completions"
+        if kind == "completion":
+            return kind, path, body, None
+        body.update(max_tokens=rng.randint(100, 250), ignore_eos=True, stream=kind == "hangup_stream")
+        return kind, path, body, rng.randint(1, 5)
+    if kind == "chat":
+        return kind, "/v1/chat/completions", {**chat, **opt}, None
+    bad = [b'{"prompt": "unterminated', b"\xff\xfe\x00", b"[]", b"null", b'{"prompt": "x", "max_tokens": 1e999}',
+           {"prompt": text, "max_tokens": -1}, {"prompt": text, "max_tokens": 10 ** 12}, {"prompt": 12},
+           {"prompt": text, "model": "no-such-model"}, {"prompt": "y" * (2 * max_model_len)},
+           {"prompt": text, "temperature": "hot"}, {"prompt": [1, 2, -3]}, {"prompt": [10 ** 9]},
+           {"prompt": text, "n": 4}, {"prompt": text, "top_p": 0}, {"prompt": text, "stop": [1, 2]},
+           {"messages": []}, {"messages": [{"role": "robot", "content": "hi"}]}, {"messages": "hi"},
+           {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}]
+    body = rng.choice(bad)
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    return kind, path, body, None
+
+
+def robustness(ckpt, out="results/serve_robustness.json", clients=200, duration=60.0, examples=40,
+               server_flags=(), command=""):
+    """The robustness run (not a test: minutes): 200 concurrent clients for 60 s of the mix above, then a
+    schemathesis run against the OpenAPI schema. Pass: zero 5xx (client and server side), zero leaked blocks."""
+    import shutil as _sh
+    import subprocess
+    key, name = "sk-robustness", "ic-robust"
+    flags = [f"--ckpt={ckpt}", f"--api_key={key}", f"--served_model_name={name}", "--max_model_len=512",
+             "--kv_cache_tokens=8192", "--page=16", "--max_num_seqs=64", *server_flags]
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    log = os.path.splitext(out)[0] + ".server.log"
+    proc, url = spawn_server(flags, log)
+    num_blocks = 8192 // 16
+    try:
+        kinds = {}
+
+        def make(i):
+            kind, path, body, hang = robustness_request(i, name, 512)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            return path, body, hang
+
+        print(f"robustness: {clients} clients for {duration:.0f} s against {url}", file=sys.stderr, flush=True)
+        records, wall = run_load(url, make, clients, duration=duration, api_key=key)
+        for r in records:
+            r["kind"] = robustness_request(r["i"], name, 512)[0]
+        t0 = time.time()
+        while True:   # let the engine finish what is still running, then count the blocks still held
+            m = scrape(url)
+            if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 or time.time() - t0 > 300:
+                break
+            time.sleep(0.5)
+        load = summarize([r for r in records if r["kind"] in ("completion", "chat")], wall)
+        by_kind = {}
+        for r in records:
+            key_ = "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
+            by_kind.setdefault(r["kind"], {}).setdefault(key_, 0)
+            by_kind[r["kind"]][key_] += 1
+        bad_valid = [r for r in records if r["kind"] in ("completion", "chat") and not r["done"]]
+        load.update(statuses_by_kind=by_kind, client_5xx=sum(1 for r in records if (r["status"] or 0) >= 500),
+                    no_response=sum(1 for r in records if r["status"] is None and not r["hung_up"]),
+                    valid_requests_not_completed=len(bad_valid),
+                    leaked_blocks_after=round(m["vllm:kv_cache_usage_perc"] * num_blocks),
+                    aborted_by_engine=m.get("vllm:request_success_total|finished_reason=abort", 0),
+                    preemptions=m["vllm:num_preemptions_total"],
+                    server_statuses={k.split("=")[1]: v for k, v in m.items() if k.startswith("http_requests_total|")})
+        print(f"robustness: load done: {json.dumps({k: load[k] for k in ('requests', 'client_5xx', 'leaked_blocks_after')})}",
+              file=sys.stderr, flush=True)
+        # schemathesis: every operation of the OpenAPI schema, generated valid and invalid input, all checks
+        st = _sh.which("st") or _sh.which("schemathesis")
+        before = scrape(url)
+        cmd = [st, "run", url + "/openapi.json", "--checks=all", f"--max-examples={examples}", "--workers=4",
+               "--seed=0", "-H", f"Authorization: Bearer {key}", "--no-color", "--suppress-health-check=all"]
+        print("robustness: " + " ".join(cmd), file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        t0 = time.time()
+        while True:
+            after = scrape(url)
+            if after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0 or time.time() - t0 > 300:
+                break
+            time.sleep(0.5)
+        summary = p.stdout[p.stdout.rfind("SUMMARY"):] if "SUMMARY" in p.stdout else p.stdout[-3000:]
+        server_delta = {k.split("=")[1]: after[k] - before.get(k, 0) for k in after if k.startswith("http_requests_total|")}
+        schem = {"command": " ".join(c if "Bearer" not in c else "Authorization: Bearer ***" for c in cmd[1:]),
+                 "exit_code": p.returncode, "summary": summary.strip().splitlines(),
+                 "server_statuses": {k: v for k, v in server_delta.items() if v},
+                 "server_5xx": sum(v for k, v in server_delta.items() if k.startswith("5")),
+                 "not_a_server_error_failures": summary.count("Server error"),
+                 "leaked_blocks_after": round(after["vllm:kv_cache_usage_perc"] * num_blocks)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    res = {"provenance": provenance(command), "config": {"clients": clients, "duration_s": duration,
+                                                         "server_flags": [f for f in flags if key not in f],
+                                                         "num_blocks": num_blocks, "schemathesis_examples": examples},
+           "load": load, "schemathesis": schem,
+           "pass": load["client_5xx"] == 0 and load["leaked_blocks_after"] == 0 and schem["server_5xx"] == 0
+           and schem["leaked_blocks_after"] == 0 and load["no_response"] == 0}
+    with open(out, "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"robustness: wrote {out}: pass={res['pass']}", file=sys.stderr)
+    return res
 
 
 # ----------------------------------------------------------------------------- command line
@@ -952,7 +1291,7 @@ def main(argv):
     # uvicorn drains on SIGTERM (no new connections, running requests finish), then re-raises the signal:
     # exit 0 at that point instead of dying of it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
+    uvicorn.run(CountResponses(app, metrics.http), host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
                 timeout_graceful_shutdown=cfg.drain_timeout or None)
 
 
