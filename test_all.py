@@ -18,6 +18,198 @@ sys.path.insert(0, ROOT)
 
 
 # ============================================================================ model (issue 2)
+import math
+
+import model as M
+
+
+def _tiny_cfg(**kw):
+    base = dict(vocab_size=264, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=24, max_position_embeddings=256)
+    base.update(kw)
+    return M.ModelConfig(**base)
+
+
+def _model(cfg, dtype, seed=0):
+    torch.manual_seed(seed)
+    m = M.Transformer(cfg).to(dtype).eval()
+    with torch.no_grad():  # non-trivial norm weights so a swapped or skipped norm shows
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+    return m
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("attn,q_lora,yarn_on", [("mla", None, False), ("mla", 24, False), ("mla", None, True),
+                                                 ("mla", 24, True), ("mha", None, False), ("mha", None, True)])
+def test_model_decode_matches_forward(dtype, tol, q_lora, yarn_on, attn):
+    """Token-by-token decode through a paged cache (shuffled block table, page 16, rows of different
+    lengths, unwritten slots poisoned with NaN) reproduces the full forward pass at every position."""
+    cfg = _tiny_cfg(q_lora_rank=q_lora, attn=attn, num_key_value_heads=2 if attn == "mha" else None,
+                    rope_scaling=M.yarn(8, 16) if yarn_on else None)
+    m = _model(cfg, dtype)
+    B, T, page = 3, 40, 16
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    pos = torch.arange(T)[None].expand(B, T) + 100 * yarn_on   # beyond the original 16 positions under YaRN
+    with torch.no_grad():
+        full = m(idx, pos=pos)
+        pages = T // page + 1
+        kv = torch.full((cfg.num_hidden_layers, B * pages + 2, page, M.cache_width(cfg)), float("nan"), dtype=dtype)
+        table = torch.randperm(B * pages + 2, generator=g)[: B * pages].view(B, pages).int()
+        assert not torch.equal(table.flatten().sort().values, table.flatten())
+        cache = M.Cache(kv, table, torch.zeros(B, dtype=torch.int32))
+        # a prefill chunk of 8 for every row, then rows continue one token at a time; row 2 lags behind
+        # row 0 and 1 by 5 tokens so that decode steps see ragged lengths
+        got = [m(idx[:, :8], pos=pos[:, :8], cache=cache)]
+        lens, steps, step = torch.full((B,), 8), [], 0
+        while bool((lens < T).any()):
+            active = (lens < T) & ((torch.arange(B) != 2) | (step >= 5))    # row 2 starts 5 steps late
+            rows, step = torch.nonzero(active)[:, 0], step + 1
+            sub = M.Cache(kv, table[rows], cache.seq_lens[rows].clone())
+            out = m(idx[rows, lens[rows]][:, None], pos=pos[rows, lens[rows]][:, None], cache=sub)
+            for j, r in enumerate(rows.tolist()):
+                steps.append((r, int(lens[r]), out[j, 0]))
+            cache.seq_lens[rows] = sub.seq_lens
+            lens[rows] += 1
+    scale = max(1.0, full.abs().max().item())
+    assert (got[0] - full[:, :8]).abs().max().item() <= tol * scale
+    assert len(steps) == B * (T - 8)
+    for r, t, logit in steps:
+        assert (logit - full[r, t]).abs().max().item() <= tol * scale, (r, t)
+
+
+def test_model_rope_is_deepseek_complex_rotation():
+    cfg = _tiny_cfg()
+    inv, m2 = M.rope_frequencies(cfg, 16, dtype=torch.float64)
+    assert m2 == 1.0
+    torch.testing.assert_close(inv, 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    x = torch.randn(2, 5, 3, 16, dtype=torch.float64)
+    pos = torch.randint(0, 1000, (2, 5))
+    cos, sin = M.rope_cos_sin(inv, pos)
+    got = M.apply_rope(x, cos, sin)
+    z = torch.view_as_complex(x.view(2, 5, 3, 8, 2).contiguous())             # pairs (x[2i], x[2i+1])
+    rot = torch.polar(torch.ones_like(inv), pos[..., None].double() * inv)     # e^{i * pos * theta_i}
+    ref = torch.view_as_real(z * rot[:, :, None]).flatten(-2)
+    assert (got - ref).abs().max().item() < 1e-12
+
+
+def test_model_yarn_frequencies_closed_form():
+    """YaRN: dims faster than beta_fast rotations keep their frequency, slower than beta_slow are divided
+    by the factor, the ramp between is linear; softmax scale multiplier (0.1 ln s + 1)^2."""
+    cfg = _tiny_cfg(rope_scaling=M.yarn(40, 4096))
+    d = 64
+    inv, m2 = M.rope_frequencies(cfg, d, dtype=torch.float64)
+    base = 1.0 / 10000 ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    cd = lambda r: d * math.log(4096 / (2 * math.pi * r)) / (2 * math.log(10000))
+    low, high = math.floor(cd(32)), math.ceil(cd(1))
+    for i in range(d // 2):
+        t = min(max((i - low) / (high - low), 0.0), 1.0)
+        assert abs(inv[i].item() - (base[i].item() * (1 - t) + base[i].item() / 40 * t)) < 1e-15
+    assert abs(m2 - (0.1 * math.log(40) + 1) ** 2) < 1e-12
+
+
+def test_model_positions_are_explicit_and_relative():
+    cfg = _tiny_cfg()
+    m = _model(cfg, torch.float64)
+    idx = torch.randint(0, cfg.vocab_size, (2, 12))
+    pos = torch.arange(12)[None].expand(2, 12)
+    with torch.no_grad():
+        a = m(idx, pos=pos)
+        b = m(idx, pos=pos + 777)                        # same offset everywhere: RoPE is relative
+        gap = pos.clone()
+        gap[:, 6:] += 50                                 # PoSE-style skip inside the sequence
+        c = m(idx, pos=gap)
+    assert (a - b).abs().max().item() < 1e-9
+    assert (a[:, :6] - c[:, :6]).abs().max().item() < 1e-12     # before the gap: causal, unchanged
+    assert (a[:, 6:] - c[:, 6:]).abs().max().item() > 1e-3      # after it: the relative distances changed
+
+
+def test_model_cache_bytes_and_param_count():
+    for name, cfg in M.PRESETS.items():
+        c = M.new_cache(cfg, 1, 64, page=64, dtype=torch.bfloat16)
+        per_token_layer = c.kv.element_size() * c.kv[0, 0, 0].numel()
+        assert per_token_layer == 2 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        assert M.kv_bytes_per_token(cfg) == cfg.num_hidden_layers * per_token_layer
+        mha = M.ModelConfig(**{**M.asdict(cfg), "attn": "mha"})
+        c = M.new_cache(mha, 1, 64, page=64, dtype=torch.bfloat16)
+        assert c.kv.element_size() * c.kv[0, 0, 0].numel() == 2 * 2 * cfg.num_attention_heads * cfg.v_head_dim
+        gqa = M.ModelConfig(**{**M.asdict(cfg), "attn": "mha", "num_key_value_heads": 4})
+        assert M.new_cache(gqa, 1, 64, dtype=torch.bfloat16).kv[0, 0, 0].numel() * 2 == M.kv_bytes_per_token(cfg, "gqa") // cfg.num_hidden_layers
+    assert M.kv_bytes_per_token(M.PRESETS["1b"]) == 27648                  # 27 KiB/token
+    assert M.kv_bytes_per_token(M.PRESETS["1b"], "mha") == 192 * 1024
+    with torch.device("meta"):
+        n = M.Transformer(M.PRESETS["1b"]).num_params()
+        small = M.Transformer(M.PRESETS["small"]).num_params(non_embedding=False)
+    assert 1.03e9 < n < 1.07e9, n
+    assert small * 2 <= 12 * 2**20, small                                # bf16 weights within 12 MiB
+
+
+def test_model_generate_greedy_and_sampled():
+    cfg = _tiny_cfg()
+    m = _model(cfg, torch.float32)
+    idx = torch.randint(0, 256, (2, 10))
+    with torch.no_grad():
+        out = m.generate(idx, 6, stop_ids=())
+        seq = idx.clone()                                                  # greedy by full recomputation
+        for _ in range(6):
+            seq = torch.cat([seq, m(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert out == seq[:, 10:].tolist()
+    first = out[0][2]
+    assert m.generate(idx[:1], 6, stop_ids=(first,))[0] == out[0][: out[0].index(first)]
+    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    s1 = m.generate(idx, 8, temperature=1.0, top_k=5, top_p=0.9, generator=g1, stop_ids=())
+    s2 = m.generate(idx, 8, temperature=1.0, top_k=5, top_p=0.9, generator=g2, stop_ids=())
+    assert s1 == s2 and all(len(r) == 8 for r in s1)
+
+
+def test_model_sample_top_k_top_p_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    seen = {int(M.sample(logits, 1.0, top_p=0.7, generator=g)) for _ in range(300)}
+    assert seen == {0, 1}                                # 0.5 < 0.7 <= 0.8: the nucleus is {0, 1}
+    seen = {int(M.sample(logits, 1.0, top_k=3, generator=g)) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_model_tokenizer_bytes_and_specials():
+    enc = M.get_tokenizer()
+    assert enc.n_vocab == M.ModelConfig().vocab_size == 264
+    text = "héllo  wörld\t🙂\n"
+    assert enc.encode(text) == list(text.encode("utf-8"))                 # id = byte value
+    assert enc.encode("a<|im_end|>", allowed_special="all") == [97, M.IM_END]
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [M.EOT]
+    assert enc.decode(enc.encode(M.chat_prompt([{"role": "user", "content": "hi"}]), allowed_special="all")) \
+        == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_model_checkpoint_roundtrip_and_clear_errors(tmp_path):
+    cfg = _tiny_cfg()
+    m = _model(cfg, torch.float32)
+    p = str(tmp_path / "ckpt.pt")
+    M.save_checkpoint(p, m, step=3, rng=torch.get_rng_state())
+    obj = torch.load(p, weights_only=True)
+    assert obj["step"] == 3 and obj["config"]["hidden_size"] == 64
+    m2 = M.load_checkpoint(p)
+    idx = torch.randint(0, 256, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(m(idx), m2(idx))
+    assert M.load_checkpoint(str(tmp_path)).config == cfg                 # a folder holding ckpt.pt
+    data = open(p, "rb").read()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("hello")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    (tmp_path / "empty").mkdir()
+    bad = dict(obj, config={**obj["config"], "hidden_size": 32})
+    torch.save(bad, tmp_path / "mismatch.pt")
+    cases = {"missing.pt": "no such file", "trunc.pt": "truncated or foreign", "text.pt": "truncated or foreign",
+             "foreign.pt": "not an InfiniteContext checkpoint", "empty": "directory", "mismatch.pt": "do not match"}
+    for name, why in cases.items():
+        with pytest.raises(M.CheckpointError) as e:
+            M.load_checkpoint(str(tmp_path / name))
+        msg = str(e.value)
+        assert str(tmp_path / name) in msg and why in msg and "\n" not in msg
 
 
 # ============================================================================ hf export (issue 3)
@@ -127,6 +319,306 @@ def test_kernel_split_count_heuristic():
 
 
 # ============================================================================ judge (issue 8)
+
+import judge  # noqa: E402
+import json as _json  # noqa: E402
+import socket as _socket  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+import threading as _threading  # noqa: E402
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer  # noqa: E402
+
+_JUDGE_PY = os.path.join(ROOT, "judge.py")
+
+
+def test_judge_absolute_prompt_format():
+    rubric = judge.NEEDLE_RUBRIC
+    p = judge.absolute_prompt("What is the special magic number for apple?", "It is 4242.", rubric, reference="4242")
+    heads = ["###Task Description:", "###The instruction to evaluate:", "###Response to evaluate:",
+             "###Reference Answer (Score 5):", "###Score Rubrics:", "###Feedback:"]
+    at = [p.index(h) for h in heads]
+    assert at == sorted(at) and at[0] == 0 and all(p.count(h) == 1 for h in heads)
+    # each field sits under its own header, the rubric is whole, the verdict format is asked for
+    assert p[at[1]:at[2]] == "###The instruction to evaluate:\nWhat is the special magic number for apple?\n\n"
+    assert p[at[2]:at[3]] == "###Response to evaluate:\nIt is 4242.\n\n"
+    assert p[at[3]:at[4]] == "###Reference Answer (Score 5):\n4242\n\n"
+    assert p[at[4]:at[5]] == "###Score Rubrics:\n" + rubric + "\n\n"
+    assert p.endswith("###Feedback: ")
+    assert '"(write a feedback for criteria) [RESULT] (an integer number between 1 and 5)"' in p
+    # the rubric has prometheus-eval's shape: [criteria] then Score 1..5
+    lines = rubric.split("\n")
+    assert lines[0].startswith("[") and lines[0].endswith("]")
+    assert [ln[:8] for ln in lines[1:]] == [f"Score {k}:" for k in range(1, 6)]
+    # Prometheus-Eval's ABSOLUTE_PROMPT filled by hand for a tiny example, character for character
+    expected = (
+        "###Task Description:\n"
+        "An instruction (might include an Input inside it), a response to evaluate, a reference answer that gets a "
+        "score of 5, and a score rubric representing a evaluation criteria are given.\n"
+        "1. Write a detailed feedback that assess the quality of the response strictly based on the given score "
+        "rubric, not evaluating in general.\n"
+        "2. After writing a feedback, write a score that is an integer between 1 and 5. You should refer to the score rubric.\n"
+        '3. The output format should look as follows: "(write a feedback for criteria) [RESULT] (an integer number between 1 and 5)"\n'
+        "4. Please do not generate any other opening, closing, and explanations.\n\n"
+        "###The instruction to evaluate:\nQ\n\n###Response to evaluate:\nR\n\n"
+        "###Reference Answer (Score 5):\nA\n\n###Score Rubrics:\nS\n\n###Feedback: ")
+    assert judge.absolute_prompt("Q", "R", "S", "A") == expected
+    # without a reference: the header and its mention in the task description both go
+    wo = judge.absolute_prompt("Q", "R", "S")
+    assert wo == expected.replace("a reference answer that gets a score of 5, ", "").replace(
+        "###Reference Answer (Score 5):\nA\n\n", "")
+    assert "Reference Answer" not in wo and "reference answer" not in wo
+
+
+def test_judge_relative_prompt_format():
+    p = judge.relative_prompt("Q", "ra", "rb", "[crit]", reference="A")
+    heads = ["###Task Description:", "###Instruction:\nQ\n\n", "###Response A:\nra\n\n", "###Response B:\nrb\n\n",
+             "###Reference Answer:\nA\n\n", "###Score Rubric:\n[crit]\n\n", "###Feedback: "]
+    at = [p.index(h) for h in heads]
+    assert at == sorted(at) and p.endswith("###Feedback: ")
+    assert '"(write a feedback for criteria) [RESULT] (A or B)"' in p
+    assert "a response to evaluate, a reference answer, and a score rubric" in p
+    wo = judge.relative_prompt("Q", "ra", "rb", "[crit]")
+    assert "###Reference Answer" not in wo and "a response to evaluate, and a score rubric" in wo
+
+
+@pytest.mark.parametrize("text,score", [
+    ("The response states the number exactly as in the reference answer. [RESULT] 5", 5),
+    ("The answer is close: a score of 2 would be too harsh, since the number is present.\n[RESULT] 4", 4),
+    ("Feedback: the number is missing entirely. [RESULT] 1   \n", 1),
+    ("Only one of the two numbers is given.\nScore: 3", 3),
+    ("All numbers, nothing else. [RESULT] (5)", 5),
+    ("[RESULT]2", 2),
+    ("first draft [RESULT] 2 ... on reflection it is fully correct [RESULT] 5", 5),  # the last verdict wins
+    ("Score: 2 ... final verdict [RESULT] 4", 4),  # [RESULT] beats Score:
+    ("The response is perfect. [RESULT] 6", None),
+    ("[RESULT] 0", None),
+    ("[RESULT] 45", None),
+    ("[RESULT] 4.5", None),
+    ("The response is fine. Score 4: all numbers present.", None),  # an echoed rubric line is no verdict
+    ('(write a feedback for criteria) [RESULT] (an integer number between 1 and 5)', None),
+    ("The response gives the right number, so it deserves a high score.", None),
+    ("", None),
+    (None, None),
+])
+def test_judge_parse_absolute(text, score):
+    assert judge.parse_absolute(text) == score
+
+
+@pytest.mark.parametrize("text,choice", [
+    ("Response A gives the number, B does not. [RESULT] A", "A"),
+    ("B is exact. [RESULT] (B)", "B"),
+    ("[RESULT] A ... no, [RESULT] B", "B"),
+    ("[RESULT] Both", None),
+    ("Response A is better.", None),
+])
+def test_judge_parse_relative(text, choice):
+    assert judge.parse_relative(text) == choice
+
+
+def test_judge_rule_and_kappa_closed_form():
+    assert judge.string_match_all("The numbers are 12 and ABC.", ["12", "abc", "99"]) == pytest.approx(2 / 3)
+    assert judge.string_match_all("nothing", ["1"]) == 0.0
+    # kappa of a 2x2 table [[a, b], [c, d]]: 2(ad - bc) / ((a+b)(b+d) + (a+c)(c+d)); here a=3, b=1, c=2, d=4
+    llm = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    rule = [1, 1, 1, 0, 1, 1, 0, 0, 0, 0]
+    a, b, c, d = 3, 1, 2, 4
+    assert judge.cohen_kappa(llm, rule) == pytest.approx(2 * (a * d - b * c) / ((a + b) * (b + d) + (a + c) * (c + d)))
+    assert judge.cohen_kappa([1, 0, 1], [1, 0, 1]) == pytest.approx(1.0)
+    assert judge.cohen_kappa([1, 1], [1, 1]) is None  # chance agreement 1: undefined
+    ag = judge.agreement([1.0, 0.0, 1.0, 0.5], [5, 4, None, 3])  # the None is left out, 0.5 counts as wrong
+    assert ag["n"] == 3 and ag["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_judge_rule_matches_needle():
+    needle = pytest.importorskip("needle")
+    cases = [("The special magic number is 123.", ["123"]), ("abc DEF", ["def", "xyz"]), ("", ["1"]),
+             ("Numbers: 5, 6, 7", ["5", "6", "7", "8"]), ("APPLE-77", ["apple-77"])]
+    for pred, values in cases:
+        assert needle.score(pred, values) == pytest.approx(judge.string_match_all(pred, values))
+
+
+class _ScriptedJudge(BaseHTTPRequestHandler):
+    """OpenAI-compatible /v1/models and /v1/chat/completions; each question has a queue of scripted replies:
+    a string is returned as the assistant message, an int as that HTTP error."""
+    script, requests, lock = {}, [], _threading.Lock()
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, code, obj):
+        body = _json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            return self._send(200, {"object": "list", "data": [{"id": "prometheus-scripted", "object": "model"}]})
+        self._send(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        req = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = req["messages"][-1]["content"]
+        question = user.split("###The instruction to evaluate:\n")[1].split("\n\n###Response to evaluate:")[0]
+        with self.lock:
+            self.requests.append({"auth": self.headers.get("Authorization"), "path": self.path, **req})
+            reply = self.script[question].pop(0)
+        if isinstance(reply, int):
+            return self._send(reply, {"error": {"message": "scripted failure", "type": "server_error"}})
+        self._send(200, {"id": "x", "object": "chat.completion", "model": req["model"],
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": reply}}],
+                         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+
+def _needle_results(path, samples):
+    full = [{"length": 4096 * (1 + i % 2), "depth": 50.0, "variant": "single", "haystack": "noise", "seed": i,
+             **s, "score": judge.string_match_all(s["prediction"], s["values"])} for i, s in enumerate(samples)]
+    with open(path, "w") as f:
+        _json.dump({"provenance": {"git_commit": "test"}, "config": {}, "samples": full, "summary": {}}, f)
+
+
+def _q(i):
+    return f"What is the special magic number for key-{i} mentioned in the provided text?"
+
+
+def test_judge_end_to_end_loopback(tmp_path):
+    # (values, prediction, hand rule score, scripted judge replies, expected LLM score, expected attempts)
+    table = [
+        (["1234567"], "The special magic number is 1234567.", 1.0,
+         ["The response states the number exactly. [RESULT] 5"], 5, 1),
+        (["7654321"], "It is 1111111.", 0.0,
+         ["The number is wrong; a score of 4 would be far too generous. [RESULT] 1"], 1, 1),
+        (["2222222", "3333333"], "2222222", 0.5, ["I cannot decide.", "Half of the numbers. [RESULT] (3)"], 3, 2),
+        (["4444444"], "4444444", 1.0, [500, "Correct and clean. Score: 4"], 4, 2),
+        (["5555555"], "no idea", 0.0, ["garbage", "still nothing [RESULT] 9", "[RESULT]"], None, 3),
+        (["6666666"], "6666666", 1.0, ["The number is buried in noise. [RESULT] 2"], 2, 1),
+        (["8888888"], "8,888,888", 0.0, ["Same number, other formatting. [RESULT] 4   "], 4, 1),
+        (["1212121"], "1212121", 1.0, ["Exact. [RESULT] 5"], 5, 1),
+    ]
+    samples = [{"question": _q(i), "prediction": t[1], "values": t[0]} for i, t in enumerate(table)]
+    _needle_results(tmp_path / "needle_run.json", samples)
+    _ScriptedJudge.script = {_q(i): list(t[3]) for i, t in enumerate(table)}
+    _ScriptedJudge.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ScriptedJudge)
+    _threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        env = {**os.environ, "JUDGE_API_KEY": "test-key"}
+        p = _subprocess.run([sys.executable, _JUDGE_PY, "--input=needle_run.json", "--retries=2", "--backoff=0.01",
+                             "--concurrency=4", f"--judge_url=http://127.0.0.1:{server.server_port}/v1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert p.returncode == 0, p.stderr
+    assert "8/8 graded, 1 without verdict" in p.stderr
+    out = _json.load(open(tmp_path / "results" / "judge_needle_run.json"))  # default output path
+    rows = out["samples"]
+    for row, (values, pred, rule, _, llm, attempts) in zip(rows, table):
+        assert (row["rule_score"], row["llm_score"], row["attempts"]) == (rule, llm, attempts), row
+    assert rows[4]["judge_output"] == "[RESULT]" and rows[3]["replies"] == 1
+    assert "HTTP 500" in rows[3]["errors"][0] and len(rows[3]["errors"]) == 1 and rows[0]["errors"] == []
+    # every request: the model from /v1/models, the key from the environment, prometheus' system prompt and
+    # defaults, and a user turn that is exactly absolute_prompt(question only, prediction, rubric, values)
+    reqs = _ScriptedJudge.requests
+    assert len(reqs) == sum(len(t[3]) for t in table) == 12
+    for r in reqs:
+        assert r["path"] == "/v1/chat/completions" and r["model"] == "prometheus-scripted"
+        assert r["auth"] == "Bearer test-key"
+        assert (r["temperature"], r["top_p"], r["max_tokens"], r["repetition_penalty"]) == (1.0, 0.9, 1024, 1.03)
+        assert r["messages"][0] == {"role": "system", "content": judge.ABS_SYSTEM}
+        i = int(r["messages"][1]["content"].split("key-")[1].split(" ")[0])
+        s = samples[i]
+        assert r["messages"][1]["content"] == judge.absolute_prompt(s["question"], s["prediction"], judge.NEEDLE_RUBRIC,
+                                                                    ", ".join(s["values"]))
+    # agreement by hand over the 7 scored samples: (rule == 1, llm >= 4) pairs
+    # (T,T) (F,F) (F,F) (T,T) (T,F) (F,T) (T,T): accuracy 5/7; a=3 b=1 c=1 d=2, kappa = 2(6-1)/(4*3+4*3) = 5/12
+    ag = out["summary"]["agreement"]
+    assert ag["n"] == 7 and ag["accuracy"] == pytest.approx(5 / 7) and ag["kappa"] == pytest.approx(5 / 12)
+    assert ag["confusion"] == {"rule1_llm_hi": 3, "rule1_llm_lo": 1, "rule0_llm_hi": 1, "rule0_llm_lo": 2}
+    sm = out["summary"]
+    assert (sm["llm_none"], sm["llm_scored"], sm["attempts"], sm["http_errors"], sm["rule_vs_stored_mismatch"]) == (1, 7, 12, 1, 0)
+    assert sm["llm_histogram"] == {"1": 1, "2": 1, "3": 1, "4": 2, "5": 2}
+    assert sm["llm_mean"] == pytest.approx(24 / 7) and sm["rule_mean"] == pytest.approx(4.5 / 8)
+    prov = out["provenance"]
+    assert prov["judge_model"] == "prometheus-scripted" and prov["judge_url"].endswith("/v1")
+    assert "--input=needle_run.json" in prov["command"] and prov["date"] and prov["git_commit"]
+    assert "test-key" not in _json.dumps(out)
+
+
+def test_judge_cli_errors(tmp_path):
+    def run(*args):
+        return _subprocess.run([sys.executable, _JUDGE_PY, *args], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=60)
+    h = run("--help")
+    assert h.returncode == 0
+    for f in judge.fields(judge.JudgeConfig):
+        assert f"--{f.name}=" in h.stdout
+    (tmp_path / "bad.json").write_text(_json.dumps({"samples": [{"question": "q", "prediction": "p"}]}))
+    for args, words in [((), "--input"), (("--input=missing.json",), "missing.json"), (("--input=bad.json",), "values"),
+                        (("--input=bad.json", "--bogus=1"), "--bogus"), (("--input=bad.json", "--concurrency=x"), "concurrency")]:
+        p = run(*args)
+        assert p.returncode == 2 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+        assert "Traceback" not in p.stderr
+    # a judge that is down: the run completes, every score is None with the error, exit code 1
+    _needle_results(tmp_path / "n.json", [{"question": _q(0), "prediction": "1", "values": ["1"]}])
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = run("--input=n.json", "--out=o.json", "--judge_model=m", "--retries=1", "--backoff=0.01",
+            f"--judge_url=http://127.0.0.1:{port}/v1")
+    assert p.returncode == 1 and "no reply" in p.stderr
+    row = _json.load(open(tmp_path / "o.json"))["samples"][0]
+    assert row["llm_score"] is None and row["attempts"] == 2 and row["replies"] == 0 and len(row["errors"]) == 2
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "serve.py")), reason="serve.py not present yet")
+def test_judge_against_serve_tiny(tmp_path):
+    model = pytest.importorskip("model")
+    ckpt = tmp_path / "ckpt.pt"
+    torch.manual_seed(0)
+    model.save_checkpoint(str(ckpt), model.Transformer(model.PRESETS["tiny"]))
+    samples = [{"question": _q(i), "prediction": p, "values": ["4242"]} for i, p in enumerate(["4242", "no", "42"])]
+    _needle_results(tmp_path / "needle_tiny.json", samples)
+    with _socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = _subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--port={port}"],
+                               cwd=tmp_path, stdout=_subprocess.DEVNULL, stderr=_subprocess.PIPE, text=True)
+    try:
+        import time
+        import urllib.request
+        deadline = time.time() + 120
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "serve.py did not come up in 120 s"
+                time.sleep(0.5)
+        # a random tiny model writes no verdict: every answer must end as None, the run must still complete
+        p = _subprocess.run([sys.executable, _JUDGE_PY, "--input=needle_tiny.json", "--out=j.json", "--retries=1",
+                             "--max_tokens=16", "--repetition_penalty=1", "--backoff=0.01", "--concurrency=3",
+                             f"--judge_url=http://127.0.0.1:{port}/v1"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert p.returncode == 0, p.stderr
+    out = _json.load(open(tmp_path / "j.json"))
+    rows = out["samples"]
+    assert len(rows) == 3 and out["provenance"]["judge_model"]
+    for row in rows:
+        assert row["replies"] >= 1 and isinstance(row["judge_output"], str)
+        assert row["llm_score"] == judge.parse_absolute(row["judge_output"])
+        if row["llm_score"] is None:
+            assert row["attempts"] == 2 and row["replies"] == 2
+    assert out["summary"]["llm_none"] == sum(r["llm_score"] is None for r in rows) >= 1
+    assert [r["rule_score"] for r in rows] == [1.0, 0.0, 0.0]
+
+
 
 
 # ============================================================================ serve (issue 9)

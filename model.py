@@ -1,0 +1,520 @@
+"""
+InfiniteContext model: DeepSeek-V3's Multi-head Latent Attention (MLA) in one file.
+
+Read top to bottom: config and presets, tokenizer, RMSNorm, RoPE (+YaRN), the paged latent
+cache, MLA (naive path for training/prefill, absorbed path for decode), the MHA/GQA baseline,
+the transformer, generation, checkpoints. Field and weight names follow transformers'
+DeepseekV3 (and DeepSeek's convert.py), so export to Hugging Face is a name table, no permutation.
+
+MLA in one paragraph (DeepSeek-V2/V3 paper, section 2.1.1), for x_t (hidden) at position t:
+    c_t      = RMSNorm(W_DKV x_t)                 the latent, kv_lora_rank wide: all the cache holds
+    k_t^R    = RoPE(W_KR x_t)                     ONE rope key shared by all heads, also cached
+    k_t^C    = W_UK c_t,  v_t^C = W_UV c_t        per head; decompressed only for training/prefill
+    q_t      = [W_UQ c_t^Q | RoPE(W_QR c_t^Q)]    (c_t^Q = RMSNorm(W_DQ x_t), or q = W_Q x_t)
+    score    = (q^C . k^C + q^R . k^R) / sqrt(d_nope + d_rope)
+Decode absorbs W_UK into the query (q^C . W_UK c = (W_UK^T q^C) . c) and W_UV into the output,
+so attention runs straight against the latent cache and K/V are never materialised.
+"""
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass
+class ModelConfig:
+    """Field names are transformers' DeepseekV3Config's (dense: every layer has a SwiGLU MLP)."""
+    vocab_size: int = 264                  # 256 bytes + 8 special tokens (see get_tokenizer)
+    hidden_size: int = 128
+    intermediate_size: int = 384           # SwiGLU width
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    q_lora_rank: int | None = None         # None: q = W_Q x; else q = W_UQ RMSNorm(W_DQ x)
+    kv_lora_rank: int = 64                 # latent width R: what the cache stores per token...
+    qk_rope_head_dim: int = 32             # ...plus the shared rope key, P wide
+    qk_nope_head_dim: int = 32
+    v_head_dim: int = 32
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None       # None or YaRN: {"type": "yarn", "factor", "original_max_position_embeddings",
+                                           #                "beta_fast", "beta_slow", "mscale", "mscale_all_dim"}
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    attn: str = "mla"                      # "mla", or "mha": the Llama-style baseline of the same width
+    num_key_value_heads: int | None = None  # baseline only: None = MHA, fewer than heads = GQA
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.attn not in ("mla", "mha"):
+            raise ValueError(f"attn must be 'mla' or 'mha', got {self.attn!r}")
+        if self.rope_scaling is not None and self.rope_scaling.get("factor", 1.0) < 1.0:
+            raise ValueError("rope_scaling factor must be >= 1")
+
+
+def yarn(factor, original, beta_fast=32.0, beta_slow=1.0, mscale=1.0):
+    """A YaRN rope_scaling dict with mscale == mscale_all_dim (cos/sin unscaled, softmax scale x m^2)."""
+    return {"type": "yarn", "rope_type": "yarn", "factor": float(factor), "original_max_position_embeddings": original,
+            "beta_fast": float(beta_fast), "beta_slow": float(beta_slow), "mscale": float(mscale),
+            "mscale_all_dim": float(mscale)}
+
+
+PRESETS = {
+    # CPU default: trains to a useful needle model in minutes on 2 cores
+    "tiny": ModelConfig(),
+    # the shipped GPU needle model: ~6M parameters; kv_lora 256 + rope 64 = vLLM's 320-wide MLA head
+    "small": ModelConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=4,
+                         kv_lora_rank=256, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+                         max_position_embeddings=1 << 20),
+    # InfiniteContext-1B: ~1.05B non-embedding parameters, 27 KiB of latent cache per token in bf16
+    "1b": ModelConfig(hidden_size=2048, intermediate_size=4608, num_hidden_layers=24, num_attention_heads=16,
+                      q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
+                      v_head_dim=128, max_position_embeddings=1 << 20),
+}
+
+
+def config_from_dict(d):
+    """ModelConfig from a checkpoint's dict, refusing keys we do not know (a foreign file)."""
+    names = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    return ModelConfig(**d)
+
+
+def kv_bytes_per_token(cfg, attn="mla", dtype=torch.bfloat16, kv_heads=None):
+    """Cache bytes per token, all layers. MLA stores c (R) + k_pe (P); MHA/GQA store K and V per KV head."""
+    b = torch.tensor([], dtype=dtype).element_size()
+    if attn == "mla":
+        return cfg.num_hidden_layers * b * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    kv_heads = kv_heads or (4 if attn == "gqa" else cfg.num_attention_heads)
+    return cfg.num_hidden_layers * b * 2 * kv_heads * cfg.v_head_dim
+
+
+# ----------------------------------------------------------------------------- tokenizer
+# Byte-level: ranks are the 256 single bytes (id = byte value), so nothing is downloaded and any
+# string round-trips. The GPT-2 split pattern only matters to tokenizers that merge; we keep it so
+# that the exported Hugging Face tokenizer is the same function.
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>",
+                  "<|reserved_0|>", "<|reserved_1|>", "<|reserved_2|>", "<|reserved_3|>"]
+EOT, IM_START, IM_END, PAD = 256, 257, 258, 259
+STOP_IDS = (IM_END, EOT)   # generation ends at either
+
+
+def get_tokenizer():
+    import tiktoken
+    return tiktoken.Encoding(name="infinitecontext-bytes", pat_str=GPT2_PATTERN,
+                             mergeable_ranks={bytes([i]): i for i in range(256)},
+                             special_tokens={s: 256 + i for i, s in enumerate(SPECIAL_TOKENS)})
+
+
+def chat_prompt(messages, add_generation_prompt=True):
+    """ChatML, the same text as the exported chat_template: <|im_start|>role\\ncontent<|im_end|>\\n ..."""
+    s = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return s + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+# ----------------------------------------------------------------------------- RMSNorm and RoPE
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32, scale in the input dtype: transformers' DeepseekV3RMSNorm exactly
+        h = x.float() if x.dtype != torch.float64 else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(cfg, dim, dtype=torch.float32):
+    """Inverse frequencies (dim/2,) and the softmax-scale multiplier m^2.
+
+    YaRN as transformers computes it for deepseek_v3 (and vLLM matches): frequency i blends
+    interpolation (inv/factor) and extrapolation (inv) by a linear ramp between the correction
+    dims of beta_fast and beta_slow; attention logits are scaled by m^2, m = 0.1*mscale_all_dim*ln(factor)+1.
+    """
+    base = cfg.rope_theta
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=dtype) / dim)
+    ys = cfg.rope_scaling
+    if not ys:
+        return inv, 1.0
+    factor, L0 = ys["factor"], ys["original_max_position_embeddings"]
+
+    def correction_dim(rotations):  # the dim whose wavelength makes `rotations` turns over L0 tokens
+        return dim * math.log(L0 / (2 * math.pi * rotations)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(ys.get("beta_fast", 32.0))), 0)
+    high = min(math.ceil(correction_dim(ys.get("beta_slow", 1.0))), dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=dtype) - low) / max(high - low, 0.001)).clamp(0, 1)
+    inv = inv / factor * ramp + inv * (1 - ramp)
+    m = 0.1 * ys.get("mscale_all_dim", 1.0) * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv, m * m
+
+
+def rope_cos_sin(inv_freq, pos):
+    """pos (B, T) -> cos, sin (B, T, dim/2). Angles in the frequencies' precision (fp32, as HF and vLLM)."""
+    angles = pos.to(inv_freq.dtype)[..., None] * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """DeepSeek's interleaved RoPE: pairs (x[2i], x[2i+1]) are complex numbers rotated by angle i.
+    x (B, T, H, D), cos/sin (B, T, D/2). Not Llama's rotate_half."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    re, im = xf[..., 0::2], xf[..., 1::2]
+    c, s = cos[:, :, None].to(xf.dtype), sin[:, :, None].to(xf.dtype)
+    return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- paged cache
+@dataclass
+class Cache:
+    """Paged cache for all layers (vLLM's paging, gpt-fast's static buffers).
+    kv (layers, num_blocks, page, width): MLA rows are [c (R) | roped k_pe (P)], MHA rows [K | V].
+    Row b's token i lives in block block_table[b, i // page], slot i % page. forward() appends
+    the new tokens at seq_lens and then advances seq_lens."""
+    kv: torch.Tensor           # (L, num_blocks, page, width)
+    block_table: torch.Tensor  # (B, max_pages) int32
+    seq_lens: torch.Tensor     # (B,) int32
+
+
+def cache_width(cfg):
+    if cfg.attn == "mla":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    return 2 * (cfg.num_key_value_heads or cfg.num_attention_heads) * cfg.v_head_dim
+
+
+def new_cache(cfg, batch, max_len, page=64, dtype=torch.float32, device="cpu"):
+    """A cache for `batch` rows of up to max_len tokens, each row owning its own blocks."""
+    pages = -(-max_len // page)
+    kv = torch.zeros(cfg.num_hidden_layers, batch * pages, page, cache_width(cfg), dtype=dtype, device=device)
+    table = torch.arange(batch * pages, dtype=torch.int32, device=device).view(batch, pages)
+    return Cache(kv, table, torch.zeros(batch, dtype=torch.int32, device=device))
+
+
+def cache_write(kv, block_table, seq_lens, rows):
+    """Write rows (B, T, W) at positions seq_lens[b] .. seq_lens[b]+T-1 of one layer's kv (N, page, W)."""
+    page = kv.shape[1]
+    p = seq_lens[:, None].long() + torch.arange(rows.shape[1], device=rows.device)   # (B, T)
+    blocks = block_table.long().gather(1, p // page)                                  # (B, T)
+    kv[blocks, p % page] = rows.to(kv.dtype)
+
+
+def cache_read(kv, block_table, n):
+    """The first n tokens of every row: (B, n, W)."""
+    pages = -(-n // kv.shape[1])
+    return kv[block_table[:, :pages].long()].flatten(1, 2)[:, :n]
+
+
+def latent_attention(q_lat, q_pe, kv, block_table, seq_lens, scale):
+    """Absorbed MLA decode against one layer's latent cache -> o_lat (B, H, R).
+    scores = (q_lat . c + q_pe . k_pe) * scale over each row's first seq_lens tokens; o = softmax . c.
+    On CUDA: the fused Triton kernel. Elsewhere: this PyTorch path (same math as mla_kernel.mla_decode_ref)."""
+    if kv.is_cuda:
+        from mla_kernel import mla_decode
+        return mla_decode(q_lat, q_pe, kv, block_table, seq_lens, scale)
+    R = q_lat.shape[-1]
+    lat = cache_read(kv, block_table, int(seq_lens.max()))                      # (B, S, R+P)
+    valid = torch.arange(lat.shape[1], device=lat.device) < seq_lens[:, None]   # (B, S)
+    lat = lat.masked_fill(~valid[..., None], 0)          # slots past a row's end hold garbage (even NaN)
+    c, k_pe = lat[..., :R], lat[..., R:]
+    scores = (torch.einsum("bhr,bsr->bhs", q_lat, c) + torch.einsum("bhp,bsp->bhs", q_pe, k_pe)) * scale
+    p = scores.masked_fill(~valid[:, None], float("-inf")).softmax(-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return torch.einsum("bhs,bsr->bhr", p.to(c.dtype), c)
+
+
+def causal_attention(q, k, v, scale, chunk=8192):
+    """Naive-path attention. q (B, T, H, D), k (B, S, Hk, D), v (B, S, Hk, Dv), S >= T: query t sits at
+    position S-T+t (the last T keys are its own chunk). Queries go in chunks so that a long prompt never
+    holds a T x S score matrix. On CUDA, v is padded to D when narrower: the flash backend needs equal
+    widths (transformers does the same for FA2)."""
+    B, T, H, D = q.shape
+    S, Dv = k.shape[1], v.shape[-1]
+    if q.is_cuda and Dv < D:
+        v = F.pad(v, (0, D - Dv))
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)
+    out = []
+    for s in range(0, T, chunk):
+        e = min(s + chunk, T)
+        n = S - T + e                                                        # keys visible to this chunk
+        mask = None if e - s == n else causal_lower_right(e - s, n)
+        out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :n], v[:, :, :n], attn_mask=mask,
+                                                  is_causal=mask is None, scale=scale,
+                                                  enable_gqa=k.shape[1] != H))
+    return torch.cat(out, dim=2).transpose(1, 2)[..., :Dv]                    # (B, T, H, Dv)
+
+
+# ----------------------------------------------------------------------------- attention
+class MLA(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, R, qk = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, H * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, eps=1e-6)   # transformers hard-codes 1e-6 here
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, R + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(R, eps=1e-6)
+        self.kv_b_proj = nn.Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, scale, cache=None, layer=0):
+        cfg, (B, T, _) = self.cfg, x.shape
+        H, R, nope, P, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+                             cfg.qk_rope_head_dim, cfg.v_head_dim)
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_pe = q.view(B, T, H, nope + P).split([nope, P], dim=-1)     # (B, T, H, nope), (B, T, H, P)
+        q_pe = apply_rope(q_pe, cos, sin)
+        c, k_pe = self.kv_a_proj_with_mqa(x).split([R, P], dim=-1)           # (B, T, R), (B, T, P)
+        c = self.kv_a_layernorm(c)                                           # RMSNorm on the latent only
+        k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]                # one rope key for all heads
+        w = self.kv_b_proj.weight.view(H, nope + dv, R)                       # per head [W_UK; W_UV]
+        if cache is not None:
+            kv = cache.kv[layer]
+            cache_write(kv, cache.block_table, cache.seq_lens, torch.cat([c, k_pe], dim=-1))
+            if T == 1:  # absorbed decode: never decompress the cache
+                q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, :nope])            # W_UK^T q^C
+                o_lat = latent_attention(q_lat, q_pe[:, 0], kv, cache.block_table, cache.seq_lens + 1, scale)
+                o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:])                       # W_UV o_lat
+                return self.o_proj(o.reshape(B, 1, H * dv))
+            # prefill chunk: attend to everything cached so far (rows share one length here)
+            c, k_pe = cache_read(kv, cache.block_table, int(cache.seq_lens[0]) + T).split([R, P], dim=-1)
+        # naive path: decompress the latent into per-head keys and values
+        k_nope, v = torch.einsum("bsr,hdr->bshd", c, w).split([nope, dv], dim=-1)    # (B, S, H, nope|dv)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)      # (B, S, H, nope+P)
+        y = causal_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, scale)
+        return self.o_proj(y.reshape(B, T, H * dv))
+
+
+class MHA(nn.Module):
+    """The baseline: Llama-style attention of the same width (head_dim = v_head_dim), RoPE on the whole
+    head, K and V cached per KV head. num_key_value_heads < heads makes it GQA."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        H, Hk, D = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, cfg.v_head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, H * D, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, Hk * D, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, Hk * D, bias=False)
+        self.o_proj = nn.Linear(H * D, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, scale, cache=None, layer=0):
+        cfg, (B, T, _) = self.cfg, x.shape
+        H, Hk, D = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads, cfg.v_head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, D), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, Hk, D), cos, sin)
+        v = self.v_proj(x).view(B, T, Hk, D)
+        if cache is not None:
+            kv = cache.kv[layer]
+            cache_write(kv, cache.block_table, cache.seq_lens, torch.cat([k, v], dim=2).flatten(2))
+            if T == 1:  # rows may have different lengths: mask per row
+                kvs = cache_read(kv, cache.block_table, int(cache.seq_lens.max()) + 1)
+                valid = torch.arange(kvs.shape[1], device=x.device) <= cache.seq_lens[:, None]
+                k, v = kvs.masked_fill(~valid[..., None], 0).view(B, -1, 2 * Hk, D).split([Hk, Hk], dim=2)
+                y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                   attn_mask=valid[:, None, None], scale=scale,
+                                                   enable_gqa=Hk != H).transpose(1, 2)
+                return self.o_proj(y.reshape(B, T, H * D))
+            kvs = cache_read(kv, cache.block_table, int(cache.seq_lens[0]) + T)
+            k, v = kvs.view(B, -1, 2 * Hk, D).split([Hk, Hk], dim=2)
+        return self.o_proj(causal_attention(q, k, v, scale).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))   # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = MLA(cfg) if cfg.attn == "mla" else MHA(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, scale, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, scale, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# ----------------------------------------------------------------------------- the transformer
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)   # untied, as DeepSeek-V3
+        rope_dim = cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.v_head_dim
+        inv_freq, mscale2 = rope_frequencies(cfg, rope_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        head_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim if cfg.attn == "mla" else cfg.v_head_dim
+        self.softmax_scale = head_dim ** -0.5 * mscale2                       # x m^2 under YaRN, every position
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=cfg.initializer_range / math.sqrt(2 * cfg.num_hidden_layers))
+
+    def _init_weights(self, m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=self.config.initializer_range)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        return n - (self.embed_tokens.weight.numel() + self.lm_head.weight.numel() if non_embedding else 0)
+
+    def flops_per_token(self, seq_len):
+        """torchtitan's count: 6N + 6*L*H*(qk_dim + v_dim)*T (N without embeddings, attention non-causal)."""
+        c = self.config
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim if c.attn == "mla" else c.v_head_dim
+        return 6 * self.num_params() + 6 * c.num_hidden_layers * c.num_attention_heads * (qk + c.v_head_dim) * seq_len
+
+    def forward(self, idx, targets=None, pos=None, cache=None):
+        """idx (B, T) token ids; pos (B, T) explicit positions (PoSE may skip ahead; default 0..T-1, or
+        continuing from cache.seq_lens); targets (B, T) with -1 where no loss is taken. With a cache the
+        tokens are appended to it (decode when T == 1, a prefill chunk otherwise)."""
+        B, T = idx.shape
+        if cache is not None and T > 1 and bool((cache.seq_lens != cache.seq_lens[0]).any()):
+            raise ValueError("a prefill chunk needs rows of one cached length; decode (T == 1) may be ragged")
+        if pos is None:
+            start = cache.seq_lens[:, None].long() if cache is not None else 0
+            pos = start + torch.arange(T, device=idx.device)[None].expand(B, T)
+        inv_freq = self.inv_freq.double() if self.lm_head.weight.dtype == torch.float64 else self.inv_freq
+        cos, sin = rope_cos_sin(inv_freq, pos)
+        x = self.embed_tokens(idx)
+        for i, block in enumerate(self.layers):
+            x = block(x, cos, sin, self.softmax_scale, cache, i)
+        logits = self.lm_head(self.norm(x))                                   # (B, T, V)
+        if cache is not None:
+            cache.seq_lens += T
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, top_p=None, stop_ids=STOP_IDS,
+                 prefill_chunk=4096, page=64, generator=None):
+        """idx (B, T) prompts of one length. Prefill in chunks into a paged latent cache of its own, then
+        decode one token at a time (absorbed MLA). Returns each row's new tokens (list of lists), stopping
+        at any of stop_ids (not included). temperature 0 = greedy."""
+        B, T = idx.shape
+        p = next(self.parameters())
+        cache = new_cache(self.config, B, T + max_new_tokens, page, p.dtype, p.device)
+        for s in range(0, T, prefill_chunk):
+            logits = self(idx[:, s:s + prefill_chunk], cache=cache)
+        out, done = [[] for _ in range(B)], [False] * B
+        for _ in range(max_new_tokens):
+            tok = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            for b, t in enumerate(tok.tolist()):
+                if not done[b]:
+                    done[b] = t in stop_ids
+                    out[b] += [] if done[b] else [t]
+            if all(done):
+                break
+            logits = self(tok[:, None], cache=cache)
+        return out
+
+
+def sample(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+    """logits (B, V) -> token ids (B,). Greedy at temperature 0; else temperature, then top-k, then
+    top-p (nucleus: the smallest set of tokens whose probability reaches top_p)."""
+    if not temperature:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p                        # mass before this token already >= p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+CKPT_FORMAT = "infinitecontext-ckpt-v1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message names the file and what is wrong (one line)."""
+
+
+def save_checkpoint(path, model, state_dict=None, **extra):
+    """Atomic: serialise to memory, write a temp file beside `path`, fsync, rename. Holds only tensors,
+    dicts, lists and numbers, so torch.load(weights_only=True) reads it. `state_dict` overrides
+    model.state_dict() (train.py passes the full state gathered from FSDP shards)."""
+    obj = {"format": CKPT_FORMAT, "config": asdict(model.config),
+           "model": state_dict if state_dict is not None else model.state_dict(), **extra}
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.flush()
+        if os.environ.get("IC_SAVE_PAUSE"):   # test hook: a kill here must leave the old checkpoint intact
+            time.sleep(float(os.environ["IC_SAVE_PAUSE"]))
+        f.write(data[len(data) // 2:])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path, map_location="cpu"):
+    """The checkpoint dict (config, model, and whatever train.py stored), or CheckpointError."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path}: is a directory without ckpt.pt or config.json")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign classes, not a torch file at all
+        kind = type(e).__name__
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint "
+                              f"(truncated or foreign file: {kind}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(obj, dict) or obj.get("format") != CKPT_FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not an InfiniteContext checkpoint (no '{CKPT_FORMAT}' marker)")
+    return obj
+
+
+def load_checkpoint(path, device="cpu"):
+    """A Transformer from a ckpt.pt, a folder holding one, or a Hugging Face folder written by export_hf."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
+        return load_hf(path).to(device)
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "ckpt.pt")):
+        path = os.path.join(path, "ckpt.pt")
+    obj = read_checkpoint(path)
+    try:
+        model = Transformer(config_from_dict(obj["config"]))
+        model.load_state_dict(obj["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {path}: weights do not match its config "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    return model.to(device)
+
+
+def load_hf(in_dir):
+    raise NotImplementedError("load_hf: issue 3")
