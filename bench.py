@@ -38,7 +38,7 @@ def parse_flags(sub, argv, defaults, helps):
         if arg in ("-h", "--help"):
             print(f"usage: python bench.py {sub} [--key=value ...]")
             for k, v in defaults.items():
-                print(f"  --{k}={v!s:<24} {helps.get(k, '')}")
+                print(f"  {'--' + k + '=' + str(v):<36} {helps.get(k, '')}")
             sys.exit(0)
         if not arg.startswith("--") or "=" not in arg:
             die(f"{sub}: expected --key=value, got {arg!r} (see --help)")
