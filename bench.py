@@ -222,7 +222,8 @@ def bench_kernel(argv):
                     return torch.einsum("bhc,hdc->bhd", o_lat, w_uv)
 
                 row = dict(H=H, B=B, L=L, tokens=B * L, cache_bytes=B * L * (R + P) * 2,
-                           splits=mla_kernel.num_kv_splits(B, -(-H // 64), L, sms))
+                           splits=mla_kernel.num_kv_splits(B, -(-H // 64), L, sms,
+                                                                 mla_kernel.CONFIGS[mla_kernel.head_group(H)][3]))
                 naive_est = B * L * H * 2 * ((NOPE + V) + 2 * (NOPE + P) + V)  # kv, k (cat + SDPA copy), v copy
                 free = torch.cuda.mem_get_info()[0]
                 todo = [("absorbed", absorbed, out_ref), ("ours", ours, out_ref), ("kernel", kernel, olat_ref)]

@@ -40,18 +40,62 @@ MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (queries, merge traffi
 # ----------------------------------------------------------------------------- stage 1: one KV split
 
 @triton.jit
+def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                 R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
+    W: tl.constexpr = R + P
+    offs_t = tl.arange(0, BLOCK_N)
+    if BLOCK_N <= PAGE:
+        # the tile lies inside one page: one block-table entry, and every row at a compile-time
+        # offset from it (rows of a page are contiguous), so no per-row pointer registers
+        page = tl.load(bt_row + n0 // PAGE)
+        row_ptr = Cache + page.to(tl.int64) * s_cb + (n0 % PAGE) * W + offs_t * W      # (BN,)
+    else:
+        # small pages: look up each row's page (int64: caches exceed 2^31 elements)
+        offs_n = n0 + offs_t
+        if MASKED:
+            page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < end, other=0)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE)
+        row_ptr = Cache + page.to(tl.int64) * s_cb + (offs_n % PAGE) * W               # (BN,)
+    c_ptr = row_ptr[:, None] + tl.arange(0, R)[None, :]                                 # (BN, R)
+    pe_ptr = row_ptr[:, None] + R + tl.arange(0, P)[None, :]                            # (BN, P)
+    if MASKED:
+        valid = n0 + offs_t < end
+        c = tl.load(c_ptr, mask=valid[:, None], other=0.0)
+        k_pe = tl.load(pe_ptr, mask=valid[:, None], other=0.0)
+    else:
+        c = tl.load(c_ptr)
+        k_pe = tl.load(pe_ptr)
+    if UPCAST:
+        c = c.to(tl.float32)
+        k_pe = k_pe.to(tl.float32)
+    # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
+    qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale          # (BH, BN)
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
+    alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
+    p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                               # (BH, R)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _mla_split_kernel(
     QL, QP, Cache, BlockTable, SeqLens, OPart, LsePart, Out,
     qk_scale,            # sm_scale * log2(e): softmax in base 2 (exp2 is one MUFU op)
     H, split_tokens,
-    s_qlb, s_qlh, s_qpb, s_qph, s_cb, s_cp, s_bt,
+    s_qlb, s_qlh, s_qpb, s_qph, s_cb, s_bt,
     s_ob, s_oh, s_os, s_lb, s_lh, s_outb, s_outh,
     R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
     UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
 ):
-    g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together
+    g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together (L2)
     b = tl.program_id(1)
     s = tl.program_id(2)
     heads = g * BLOCK_H + tl.arange(0, BLOCK_H)                                 # (BH,)
@@ -60,8 +104,9 @@ def _mla_split_kernel(
     offs_p = tl.arange(0, P)
 
     seq_len = tl.load(SeqLens + b)
-    start = s * split_tokens
+    start = s * split_tokens                     # a multiple of 64, so tiles never straddle a page
     end = tl.minimum(seq_len, start + split_tokens)
+    n_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles need no masks
 
     q_lat = tl.load(QL + b * s_qlb + heads[:, None] * s_qlh + offs_r[None, :],
                     mask=hmask[:, None], other=0.0)                               # (BH, R)
@@ -74,26 +119,13 @@ def _mla_split_kernel(
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of scores (base-2 units)
     l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
-
-    for n0 in range(start, end, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)                                       # (BN,) token ids
-        nmask = offs_n < end
-        page = tl.load(BlockTable + b * s_bt + offs_n // PAGE, mask=nmask, other=0)
-        row = page.to(tl.int64) * s_cb + (offs_n % PAGE) * s_cp                    # (BN,) int64: caches exceed 2^31 elements
-        c = tl.load(Cache + row[:, None] + offs_r[None, :], mask=nmask[:, None], other=0.0)        # (BN, R)
-        k_pe = tl.load(Cache + row[:, None] + R + offs_p[None, :], mask=nmask[:, None], other=0.0)  # (BN, P)
-        if UPCAST:
-            c = c.to(tl.float32)
-            k_pe = k_pe.to(tl.float32)
-        # on the GPU these dots take bf16/fp16 operands and accumulate in fp32 (tensor cores)
-        qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c)))          # (BH, BN)
-        qk = tl.where(nmask[None, :], qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))           # finite: every tile holds >= 1 valid token
-        alpha = tl.exp2(m_i - m_new)                      # rescales what came before (0 on the first tile)
-        p = tl.exp2(qk - m_new[:, None])                  # (BH, BN)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                     # (BH, R)
-        m_i = m_new
+    bt_row = BlockTable + b * s_bt
+    for n0 in range(start, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, False, UPCAST)
+    if n_full < end:
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, True, UPCAST)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -114,12 +146,13 @@ def _mla_split_kernel(
 def _mla_merge_kernel(
     OPart, LsePart, Out, num_splits,
     s_ob, s_oh, s_os, s_lb, s_lh, s_outb, s_outh,
-    R: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    # grid (heads, batch, R / BLOCK_R): B=1 with hundreds of splits still spreads over many SMs
     h = tl.program_id(0)
     b = tl.program_id(1)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_s = tl.arange(0, BLOCK_S)
-    offs_r = tl.arange(0, R)
     lse_ptr = LsePart + b * s_lb + h * s_lh
     o_ptr = OPart + b * s_ob + h * s_oh
 
@@ -130,13 +163,13 @@ def _mla_merge_kernel(
     m = tl.max(m_vec, 0)
     m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): all weights 0, o = 0
 
-    acc = tl.zeros([R], tl.float32)
+    acc = tl.zeros([BLOCK_R], tl.float32)
     den = tl.zeros([BLOCK_S], tl.float32)
     for s0 in range(0, num_splits, BLOCK_S):
         smask = s0 + offs_s < num_splits
         w = tl.exp2(tl.load(lse_ptr + s0 + offs_s, mask=smask, other=float("-inf")) - m)  # (BS,)
         o = tl.load(o_ptr + (s0 + offs_s)[:, None] * s_os + offs_r[None, :], mask=smask[:, None],
-                    other=0.0)                                                             # (BS, R)
+                    other=0.0)                                                             # (BS, BR)
         acc += tl.sum(w[:, None] * o, 0)
         den += w
     d = tl.sum(den, 0)
@@ -146,27 +179,39 @@ def _mla_merge_kernel(
 
 # ----------------------------------------------------------------------------- launch configuration
 
+# (BLOCK_N, num_warps, num_stages, CTAs that fit per SM) per head-group size, from a sweep on an H100
+# (results/kernel_notes.md). Head groups of <= 32 stream memory on mma.sync tiles; 32-row tiles in 4
+# warps leave room for 2 CTAs per SM. 64-head groups are tensor-core bound: 8 warps so the (64, 512)
+# fp32 accumulator costs 128 registers a thread (4 warps spill), 64-row tiles, 1 CTA per SM (~220 KB smem).
+# Autotuning on the first call's shape picked configs up to 25% slower on long contexts, so the
+# table is fixed; mla_decode(config=...) overrides it for sweeps.
+CONFIGS = {16: (32, 4, 2, 2), 32: (32, 4, 2, 2), 64: (64, 8, 2, 1)}
+
+
 def _split_configs(interpret):
-    """Autotune candidates for stage 1, as (BLOCK_N, num_warps, num_stages). BLOCK_H <= 32 is a
-    memory-bound stream (mma.sync tiles); BLOCK_H = 64 is tensor-core bound and needs 8 warps so
-    the (64, 512) fp32 accumulator costs 128 registers a thread, not 256."""
-    if interpret:  # the interpreter ignores warps/stages; one config, so no benchmarking there
+    if interpret:  # the interpreter ignores warps/stages: one config, so nothing is benchmarked
         return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bn, w, st in [(64, 4, 2), (32, 4, 3), (64, 8, 2), (32, 8, 3), (32, 8, 2)]]
+            for bn, w, st, _ in sorted(set(CONFIGS.values()))]
 
 
 def _prune(configs, named_args, **kwargs):
-    # small head groups: 4 or 8 warps; 64-head groups: 8 warps only (4 would spill the accumulator)
-    block_h = kwargs.get("BLOCK_H", named_args.get("BLOCK_H"))  # constexprs arrive as keywords
-    keep = [c for c in configs if block_h <= 32 or c.num_warps == 8]
-    return keep or configs
+    if len(configs) == 1:
+        return configs
+    bn, w, st, _ = CONFIGS[kwargs.get("BLOCK_H", named_args.get("BLOCK_H"))]  # constexprs arrive as keywords
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bn, w, st)]
 
 
+# one config survives pruning per key, so the autotuner never benchmarks (safe under CUDA-graph capture)
 _mla_split_tuned = triton.autotune(
     configs=_split_configs(INTERPRET), key=["R", "P", "PAGE", "BLOCK_H", "DIRECT"],
     prune_configs_by={"early_config_prune": _prune},
 )(_mla_split_kernel)
+
+
+def head_group(H):
+    """Heads per program: all of them up to 64 (tl.dot needs M >= 16); 128 heads make 2 groups."""
+    return min(64, max(16, triton.next_power_of_2(H)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,14 +221,15 @@ def _num_sms(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def num_kv_splits(batch, head_groups, capacity, num_sms):
-    """KV splits per (row, head group): enough programs to fill one wave of the GPU when batch x
-    groups alone cannot (B=1 at 128k needs ~one split per SM), but no split under
-    MIN_SPLIT_TOKENS tokens, and one split once the batch fills the GPU by itself."""
+def num_kv_splits(batch, head_groups, capacity, num_sms, ctas_per_sm=1):
+    """KV splits per (row, head group): enough programs to fill one wave of the GPU (num_sms x
+    ctas_per_sm) when batch x groups alone cannot (B=1 at 128k needs one or two splits per SM),
+    no split under MIN_SPLIT_TOKENS tokens, and one split once the batch fills the GPU by itself."""
     programs = batch * head_groups
-    if programs >= num_sms:
+    slots = num_sms * ctas_per_sm
+    if programs >= slots:
         return 1
-    return max(1, min(num_sms // programs, triton.cdiv(capacity, MIN_SPLIT_TOKENS)))
+    return max(1, min(slots // programs, triton.cdiv(capacity, MIN_SPLIT_TOKENS)))
 
 
 def _check(q_lat, q_pe, cache, block_table, seq_lens):
@@ -207,8 +253,10 @@ def _check(q_lat, q_pe, cache, block_table, seq_lens):
         raise ValueError("block_table and seq_lens must be int32")
     if block_table.dim() != 2 or block_table.shape[0] != B or tuple(seq_lens.shape) != (B,):
         raise ValueError(f"block_table must be (B, max_pages) and seq_lens (B,), with B = {B}")
-    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or cache.stride(-1) != 1 or block_table.stride(-1) != 1:
-        raise ValueError("the last dimension of q_lat, q_pe, cache and block_table must be contiguous")
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or block_table.stride(-1) != 1:
+        raise ValueError("the last dimension of q_lat, q_pe and block_table must be contiguous")
+    if cache.stride(2) != 1 or cache.stride(1) != R + P:
+        raise ValueError("each cache page must be contiguous (page, R+P) rows; blocks may be strided")
 
 
 def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, num_splits=None, config=None):
@@ -227,11 +275,11 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     page = cache.shape[1]
     if out is None:
         out = torch.empty_like(q_lat)
-    BLOCK_H = min(64, max(16, triton.next_power_of_2(H)))  # tl.dot needs M >= 16
+    BLOCK_H = head_group(H)
     groups = triton.cdiv(H, BLOCK_H)
     capacity = block_table.shape[1] * page
     if num_splits is None:
-        num_splits = num_kv_splits(B, groups, capacity, _num_sms(q_lat.device))
+        num_splits = num_kv_splits(B, groups, capacity, _num_sms(q_lat.device), CONFIGS[BLOCK_H][3])
     # whole tiles per split (64 = the largest BLOCK_N), then drop splits that would start past the end
     split_tokens = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), 64) * 64
     num_splits = max(1, triton.cdiv(capacity, split_tokens))
@@ -246,7 +294,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     args = (q_lat, q_pe, cache, block_table, seq_lens, o_part, lse, out,
             sm_scale * 1.4426950408889634, H, split_tokens,
             q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-            cache.stride(0), cache.stride(1), block_table.stride(0),
+            cache.stride(0), block_table.stride(0),
             s_ob, s_oh, s_os, s_lb, s_lh, out.stride(0), out.stride(1))
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
@@ -257,8 +305,10 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
         _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
                                 UPCAST=upcast, num_warps=warps, num_stages=stages)
     if not direct:
-        _mla_merge_kernel[(H, B)](o_part, lse, out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh,
-                                  out.stride(0), out.stride(1), R=R, BLOCK_S=16, num_warps=4)
+        block_r = min(R, 64)
+        _mla_merge_kernel[(H, B, R // block_r)](o_part, lse, out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh,
+                                                out.stride(0), out.stride(1), BLOCK_R=block_r, BLOCK_S=32,
+                                                num_warps=4)
     return out
 
 
