@@ -21,7 +21,7 @@ Kernel plan (the same as FlashMLA and vLLM's triton MLA decode, written from scr
   stage 2, grid (heads, batch): merge the splits by log-sum-exp (skipped when there is one split).
 The split count comes from batch x head groups against the SM count, so that B=1 at 128k still
 fills the GPU, and from the cache capacity (the block table's width), not from seq_lens: no host
-sync, so the call can be captured in a CUDA graph (call it once before capturing: autotuning).
+sync, so the call can be captured in a CUDA graph (call it once before capturing: JIT compile).
 
 This file imports nothing from the rest of the repo.
 """
@@ -179,34 +179,24 @@ def _mla_merge_kernel(
 
 # ----------------------------------------------------------------------------- launch configuration
 
-# (BLOCK_N, num_warps, num_stages, CTAs that fit per SM) per head-group size, from a sweep on an H100
-# (results/kernel_notes.md). Head groups of <= 32 stream memory on mma.sync tiles; 32-row tiles in 4
-# warps leave room for 2 CTAs per SM. 64-head groups are tensor-core bound: 8 warps so the (64, 512)
-# fp32 accumulator costs 128 registers a thread (4 warps spill), 64-row tiles, 1 CTA per SM (~220 KB smem).
-# Autotuning on the first call's shape picked configs up to 25% slower on long contexts, so the
-# table is fixed; mla_decode(config=...) overrides it for sweeps.
-CONFIGS = {16: (32, 4, 2, 2), 32: (32, 4, 2, 2), 64: (64, 8, 2, 1)}
+# Tile configs, from sweeps on an H100 (results/kernel_notes.md), instead of triton.autotune: tuning
+# on the first call's shape picked configs up to 25% slower on long contexts, the autotuner of the
+# GPU image's Triton benchmarks even a single config (not allowed inside CUDA-graph capture), and a
+# fixed table gives the same kernel on every run. mla_decode(config=...) overrides it for sweeps.
+PROGRAMS_PER_SM = {16: 2, 32: 2, 64: 1}  # split target per head-group size: ~2 waves / 1 wave
 
 
-def _split_configs(interpret):
-    if interpret:  # the interpreter ignores warps/stages: one config, so nothing is benchmarked
-        return [triton.Config({"BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bn, w, st, _ in sorted(set(CONFIGS.values()))]
-
-
-def _prune(configs, named_args, **kwargs):
-    if len(configs) == 1:
-        return configs
-    bn, w, st, _ = CONFIGS[kwargs.get("BLOCK_H", named_args.get("BLOCK_H"))]  # constexprs arrive as keywords
-    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) == (bn, w, st)]
-
-
-# one config survives pruning per key, so the autotuner never benchmarks (safe under CUDA-graph capture)
-_mla_split_tuned = triton.autotune(
-    configs=_split_configs(INTERPRET), key=["R", "P", "PAGE", "BLOCK_H", "DIRECT"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_mla_split_kernel)
+def launch_config(block_h, split_tokens, interpret=INTERPRET):
+    """(BLOCK_N, num_warps, num_stages) for stage 1.
+    Groups of <= 32 heads stream memory on mma.sync tiles in 4 warps: 64-row tiles when a program
+    owns >= 1024 tokens, 32-row tiles (shorter pipeline fill) when splits are short (B=1).
+    64-head groups are tensor-core bound (wgmma): 8 warps, so the (64, 512) fp32 accumulator costs
+    128 registers a thread (4 warps spill), 64-row tiles, 2 stages (~220 KB of shared memory)."""
+    if interpret:  # warps and stages mean nothing to the interpreter
+        return 32, 4, 1
+    if block_h <= 32:
+        return (64 if split_tokens >= 1024 else 32), 4, 2
+    return 64, 8, 2
 
 
 def head_group(H):
@@ -266,8 +256,9 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     [latent c | roped k_pe] rows. block_table (B, max_pages) int32; seq_lens (B,) int32, each
     <= max_pages * page (not checked: that would need a host sync). Rows with seq_lens 0 give 0.
     out: optional (B,H,R) buffer to write into. num_splits / config=(BLOCK_N, num_warps,
-    num_stages): overrides for tuning; by default the split count comes from num_kv_splits and the
-    tile config from autotuning (cached per shape; call once before capturing a CUDA graph).
+    num_stages): overrides for tuning; by default they come from num_kv_splits and launch_config.
+    No host sync and no benchmarking inside: the call can be captured in a CUDA graph (compile it
+    once outside the capture: Triton JIT-compiles on the first call of each shape class).
     """
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     B, H, R = q_lat.shape
@@ -279,7 +270,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     groups = triton.cdiv(H, BLOCK_H)
     capacity = block_table.shape[1] * page
     if num_splits is None:
-        num_splits = num_kv_splits(B, groups, capacity, _num_sms(q_lat.device), CONFIGS[BLOCK_H][3])
+        num_splits = num_kv_splits(B, groups, capacity, _num_sms(q_lat.device), PROGRAMS_PER_SM[BLOCK_H])
     # whole tiles per split (64 = the largest BLOCK_N), then drop splits that would start past the end
     split_tokens = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), 64) * 64
     num_splits = max(1, triton.cdiv(capacity, split_tokens))
@@ -298,12 +289,9 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
             s_ob, s_oh, s_os, s_lb, s_lh, out.stride(0), out.stride(1))
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
-    if config is None:
-        _mla_split_tuned[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, DIRECT=direct, UPCAST=upcast)
-    else:
-        bn, warps, stages = config
-        _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
-                                UPCAST=upcast, num_warps=warps, num_stages=stages)
+    bn, warps, stages = config or launch_config(BLOCK_H, split_tokens, INTERPRET or upcast)
+    _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
+                            UPCAST=upcast, num_warps=warps, num_stages=stages)
     if not direct:
         block_r = min(R, 64)
         _mla_merge_kernel[(H, B, R // block_r)](o_part, lse, out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh,
