@@ -40,29 +40,12 @@ MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (queries, merge traffi
 # ----------------------------------------------------------------------------- stage 1: one KV split
 
 @triton.jit
-def _rows(row_ptr, col0, NC: tl.constexpr, valid, MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Columns col0 .. col0+NC-1 of the cache rows at row_ptr (BN,) -> (BN, NC)."""
-    ptr = row_ptr[:, None] + col0 + tl.arange(0, NC)[None, :]
-    if MASKED:
-        x = tl.load(ptr, mask=valid[:, None], other=0.0)
-    else:
-        x = tl.load(ptr)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _attend_tile(q0, q1, q2, q3, q_pe, acc0, acc1, acc2, acc3, m_i, l_i, Cache, bt_row, s_cb, n0, end,
-                 qk_scale, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                 R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax.
-    The latent width is handled as 4 column chunks (q0..q3, c0..c3, acc0..acc3): one (BN, 512) tile
-    as an mma operand, twice (for the scores and for P.c), spilled registers on small head groups."""
+    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
     W: tl.constexpr = R + P
-    RC: tl.constexpr = R // 4
     offs_t = tl.arange(0, BLOCK_N)
-    valid = n0 + offs_t < end
     if BLOCK_N <= PAGE:
         # the tile lies inside one page: one block-table entry, and every row at a compile-time
         # offset from it (rows of a page are contiguous), so no per-row pointer registers
@@ -72,38 +55,32 @@ def _attend_tile(q0, q1, q2, q3, q_pe, acc0, acc1, acc2, acc3, m_i, l_i, Cache, 
         # small pages: look up each row's page (int64: caches exceed 2^31 elements)
         offs_n = n0 + offs_t
         if MASKED:
-            page = tl.load(bt_row + offs_n // PAGE, mask=valid, other=0)
+            page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < end, other=0)
         else:
             page = tl.load(bt_row + offs_n // PAGE)
         row_ptr = Cache + page.to(tl.int64) * s_cb + (offs_n % PAGE) * W               # (BN,)
-    c0 = _rows(row_ptr, 0, RC, valid, MASKED, UPCAST)                                   # (BN, R/4)
-    c1 = _rows(row_ptr, RC, RC, valid, MASKED, UPCAST)
-    c2 = _rows(row_ptr, 2 * RC, RC, valid, MASKED, UPCAST)
-    c3 = _rows(row_ptr, 3 * RC, RC, valid, MASKED, UPCAST)
-    k_pe = _rows(row_ptr, R, P, valid, MASKED, UPCAST)                                  # (BN, P)
-    # on the GPU the dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
-    qk = tl.dot(q_pe, tl.trans(k_pe))                                                   # (BH, BN)
-    qk = tl.dot(q0, tl.trans(c0), qk)
-    qk = tl.dot(q1, tl.trans(c1), qk)
-    qk = tl.dot(q2, tl.trans(c2), qk)
-    qk = tl.dot(q3, tl.trans(c3), qk) * qk_scale
+    c_ptr = row_ptr[:, None] + tl.arange(0, R)[None, :]                                 # (BN, R)
+    pe_ptr = row_ptr[:, None] + R + tl.arange(0, P)[None, :]                            # (BN, P)
+    if MASKED:
+        valid = n0 + offs_t < end
+        c = tl.load(c_ptr, mask=valid[:, None], other=0.0)
+        k_pe = tl.load(pe_ptr, mask=valid[:, None], other=0.0)
+    else:
+        c = tl.load(c_ptr)
+        k_pe = tl.load(pe_ptr)
+    if UPCAST:
+        c = c.to(tl.float32)
+        k_pe = k_pe.to(tl.float32)
+    # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
+    qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale          # (BH, BN)
     if MASKED:
         qk = tl.where(valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
     alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
     p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(c0.dtype)
-    acc0 = tl.dot(p, c0, acc0 * alpha[:, None])                                         # (BH, R/4)
-    acc1 = tl.dot(p, c1, acc1 * alpha[:, None])
-    acc2 = tl.dot(p, c2, acc2 * alpha[:, None])
-    acc3 = tl.dot(p, c3, acc3 * alpha[:, None])
-    return acc0, acc1, acc2, acc3, m_new, l_i
-
-
-@triton.jit
-def _store_rows(ptr, col0, NC: tl.constexpr, x, mask):
-    tl.store(ptr + col0 + tl.arange(0, NC)[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+    acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                               # (BH, R)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -121,51 +98,46 @@ def _mla_split_kernel(
     g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together (L2)
     b = tl.program_id(1)
     s = tl.program_id(2)
-    RC: tl.constexpr = R // 4
     heads = g * BLOCK_H + tl.arange(0, BLOCK_H)                                 # (BH,)
     hmask = heads < H
+    offs_r = tl.arange(0, R)
+    offs_p = tl.arange(0, P)
+
     seq_len = tl.load(SeqLens + b)
     start = s * split_tokens                     # a multiple of 64, so tiles never straddle a page
     end = tl.minimum(seq_len, start + split_tokens)
     n_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles need no masks
 
-    # queries (BH, R/4) x 4 and (BH, P); heads past H read as 0 (their rows are never stored)
-    ql_ptr = QL + b * s_qlb + heads * s_qlh
-    q0 = _rows(ql_ptr, 0, RC, hmask, True, UPCAST)
-    q1 = _rows(ql_ptr, RC, RC, hmask, True, UPCAST)
-    q2 = _rows(ql_ptr, 2 * RC, RC, hmask, True, UPCAST)
-    q3 = _rows(ql_ptr, 3 * RC, RC, hmask, True, UPCAST)
-    q_pe = _rows(QP + b * s_qpb + heads * s_qph, 0, P, hmask, True, UPCAST)
+    q_lat = tl.load(QL + b * s_qlb + heads[:, None] * s_qlh + offs_r[None, :],
+                    mask=hmask[:, None], other=0.0)                               # (BH, R)
+    q_pe = tl.load(QP + b * s_qpb + heads[:, None] * s_qph + offs_p[None, :],
+                   mask=hmask[:, None], other=0.0)                                # (BH, P)
+    if UPCAST:
+        q_lat = q_lat.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of scores (base-2 units)
     l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
-    acc0 = tl.zeros([BLOCK_H, RC], tl.float32)           # running sum of p . c, by column chunk
-    acc1 = tl.zeros([BLOCK_H, RC], tl.float32)
-    acc2 = tl.zeros([BLOCK_H, RC], tl.float32)
-    acc3 = tl.zeros([BLOCK_H, RC], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
     bt_row = BlockTable + b * s_bt
     for n0 in range(start, n_full, BLOCK_N):
-        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tile(
-            q0, q1, q2, q3, q_pe, acc0, acc1, acc2, acc3, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
-            R, P, PAGE, BLOCK_N, False, UPCAST)
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, False, UPCAST)
     if n_full < end:
-        acc0, acc1, acc2, acc3, m_i, l_i = _attend_tile(
-            q0, q1, q2, q3, q_pe, acc0, acc1, acc2, acc3, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
-            R, P, PAGE, BLOCK_N, True, UPCAST)
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, True, UPCAST)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    inv = (1.0 / l_safe)[:, None]
+    o = acc / l_safe[:, None]
     if DIRECT:
-        o_ptr = Out + b * s_outb + heads[:, None] * s_outh
+        tl.store(Out + b * s_outb + heads[:, None] * s_outh + offs_r[None, :],
+                 o.to(Out.dtype.element_ty), mask=hmask[:, None])
     else:
-        o_ptr = OPart + b * s_ob + heads[:, None] * s_oh + s * s_os
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(OPart + b * s_ob + heads[:, None] * s_oh + s * s_os + offs_r[None, :], o,
+                 mask=hmask[:, None])
         tl.store(LsePart + b * s_lb + heads * s_lh + s, lse, mask=hmask)
-    _store_rows(o_ptr, 0, RC, acc0 * inv, hmask[:, None])
-    _store_rows(o_ptr, RC, RC, acc1 * inv, hmask[:, None])
-    _store_rows(o_ptr, 2 * RC, RC, acc2 * inv, hmask[:, None])
-    _store_rows(o_ptr, 3 * RC, RC, acc3 * inv, hmask[:, None])
 
 
 # ----------------------------------------------------------------------------- stage 2: merge splits
