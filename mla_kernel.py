@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (queries, merge traffic) outweighs its parallelism
+MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost (queries, partial o, merge) outweighs its parallelism
 
 
 # ----------------------------------------------------------------------------- stage 1: one KV split
