@@ -13,7 +13,6 @@ for bandwidth, a large bf16 matmul for tensor-core rate), not against datasheet 
 """
 import datetime
 import json
-import math
 import os
 import re
 import subprocess

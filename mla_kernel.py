@@ -26,7 +26,6 @@ sync, so the call can be captured in a CUDA graph (call it once before capturing
 This file imports nothing from the rest of the repo.
 """
 import functools
-import math
 import os
 
 import torch
