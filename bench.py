@@ -426,7 +426,7 @@ def bench_memory(argv):
 # ----------------------------------------------------------------------------- not yet written
 
 def bench_train(argv):
-    die("not implemented yet: bench.py train (training throughput / MFU, issue 6)")
+    die("not implemented yet: bench.py train (training throughput / MFU, issue 13)")
 
 
 def bench_serve(argv):
@@ -434,7 +434,7 @@ def bench_serve(argv):
 
 
 def bench_longctx(argv):
-    die("not implemented yet: bench.py longctx (long-context speed, issue 5)")
+    die("not implemented yet: bench.py longctx (long-context speed, issue 13)")
 
 
 SUBCOMMANDS = {"kernel": bench_kernel, "memory": bench_memory, "train": bench_train, "serve": bench_serve,
