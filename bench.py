@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -433,10 +434,107 @@ def bench_serve(argv):
     die("not implemented yet: bench.py serve (serving load, issue 9)")
 
 
+def _save_longctx(cfg, card, copy_gbs, mm_tflops, rows):
+    """Written after every row: a 1M-token prefill takes minutes, and a killed run keeps what it measured."""
+    result = {"provenance": provenance(card), "preset": cfg["preset"], "dtype": "bfloat16", "chunk": cfg["chunk"],
+              "page": cfg["page"], "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops,
+              "notes": "attention FLOPs = layers*H*(qk+v)*L*(L+1) (causal, QK and PV); attention TFLOP/s divides "
+                       "them by the WHOLE prefill time (projections, MLP and cache gathers included), so it is a "
+                       "lower bound on the attention kernels' rate. cache_bytes_measured: CUDA allocator delta of "
+                       "model.new_cache; formula: model.kv_bytes_per_token * allocated slots.",
+              "rows": rows}
+    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_longctx_{card_slug(card)}.json"), result)
+
+
 def bench_longctx(argv):
-    die("not implemented yet: bench.py longctx (long-context speed, issue 13)")
-
-
+    """The 1b preset (random weights, bf16) on one GPU: chunked prefill of L tokens into the paged cache, then
+    decode steps at that length (MLA: the fused kernel). The MHA baseline of the same width on the same grid,
+    where it runs out of memory recorded with the KV bytes it would have needed."""
+    cfg = parse_flags("longctx", argv, dict(preset="1b", lengths="32768,131072,1048576", attn="mla,mha", chunk=16384,
+                                            page=64, decode_steps=20, out=""),
+                      dict(preset="model.PRESETS key", lengths="context lengths L (tokens)", attn="mla and/or mha",
+                           chunk="prefill chunk (tokens)", page="cache page size", decode_steps="timed decode steps",
+                           out="JSON path (default results/bench_longctx_<card>.json)"))
+    if not torch.cuda.is_available():
+        die("longctx: needs a CUDA GPU")
+    import model as M
+    from dataclasses import asdict
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if cfg["preset"] not in M.PRESETS:
+        die(f"longctx: unknown --preset={cfg['preset']!r}: choose one of {', '.join(M.PRESETS)}")
+    lengths, attns = int_list("longctx", "lengths", cfg["lengths"]), cfg["attn"].split(",")
+    if set(attns) - {"mla", "mha"}:
+        die(f"longctx: --attn={cfg['attn']!r}: expected mla and/or mha")
+    card = card_name()
+    copy_gbs, mm_tflops = measure_ceilings(100)
+    rows = []
+    for attn in attns:
+        mcfg = M.ModelConfig(**{**asdict(M.PRESETS[cfg["preset"]]), "attn": attn})
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = M.Transformer(mcfg).to(torch.bfloat16).eval()
+        qk = mcfg.qk_nope_head_dim + mcfg.qk_rope_head_dim if attn == "mla" else mcfg.v_head_dim
+        for L in lengths:
+            row = dict(attn=attn, length=L, kv_bytes_formula=M.kv_bytes_per_token(mcfg, attn) * L)
+            rows.append(row)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            row["free_bytes_before"], before = torch.cuda.mem_get_info()[0], torch.cuda.memory_allocated()
+            try:
+                cache = M.new_cache(mcfg, 1, L + cfg["decode_steps"] + 1, cfg["page"], torch.bfloat16, "cuda")
+            except torch.OutOfMemoryError:
+                row["status"] = f"OOM allocating the cache: needs {row['kv_bytes_formula'] / 1e9:.1f} GB"
+                print(f"{attn} L={L}: {row['status']}", flush=True)
+                _save_longctx(cfg, card, copy_gbs, mm_tflops, rows)
+                continue
+            slots = cache.kv.shape[1] * cache.kv.shape[2]
+            row["cache_bytes_measured"] = torch.cuda.memory_allocated() - before
+            row["cache_bytes_formula"] = M.kv_bytes_per_token(mcfg, attn) * slots
+            row["cache_vs_formula"] = row["cache_bytes_measured"] / row["cache_bytes_formula"]
+            idx = torch.randint(0, mcfg.vocab_size, (1, L), device="cuda")
+            row["attention_backend"] = "flash (forced with sdpa_kernel(FLASH_ATTENTION))"
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            try:
+                with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    t0 = time.time()
+                    start.record()
+                    for i, s in enumerate(range(0, L, cfg["chunk"])):
+                        logits = model(idx[:, s:s + cfg["chunk"]], cache=cache)
+                        if (i + 1) % 16 == 0:
+                            torch.cuda.synchronize()
+                            print(f"  {attn} prefill {s + cfg['chunk']:,}/{L:,} tokens, {time.time() - t0:.0f}s", flush=True)
+                    end.record()
+                    torch.cuda.synchronize()
+                    prefill_s = start.elapsed_time(end) / 1e3
+                    tok, times = logits[:, -1:].argmax(-1), []
+                    for _ in range(cfg["decode_steps"] + 3):
+                        s_, e_ = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        s_.record()
+                        tok = model(tok, cache=cache)[:, -1:].argmax(-1)
+                        e_.record()
+                        times.append((s_, e_))
+                    torch.cuda.synchronize()
+            except torch.OutOfMemoryError:
+                row["status"] = "OOM during prefill"
+                print(f"{attn} L={L}: {row['status']}", flush=True)
+                _save_longctx(cfg, card, copy_gbs, mm_tflops, rows)
+                del cache
+                continue
+            decode_ms = sorted(s_.elapsed_time(e_) for s_, e_ in times[3:])[cfg["decode_steps"] // 2]
+            attn_flops = mcfg.num_hidden_layers * mcfg.num_attention_heads * (qk + mcfg.v_head_dim) * L * (L + 1)
+            row.update(status="ok", prefill_s=prefill_s, prefill_tokens_per_s=L / prefill_s,
+                       attention_flops=attn_flops, attention_tflops=attn_flops / prefill_s / 1e12,
+                       model_tflops=(2 * model.num_params() * L + attn_flops) / prefill_s / 1e12,
+                       attention_vs_matmul=attn_flops / prefill_s / 1e12 / mm_tflops, decode_ms=decode_ms,
+                       decode_tokens_per_s=1e3 / decode_ms, peak_bytes=torch.cuda.max_memory_allocated(),
+                       decode_path="absorbed, mla_kernel.mla_decode" if attn == "mla" else "SDPA over the cached K/V")
+            print(f"{attn} L={L:>8,}: prefill {prefill_s:7.1f} s ({L / prefill_s:9,.0f} tok/s, attention "
+                  f"{row['attention_tflops']:.0f} TFLOP/s = {row['attention_vs_matmul']:.0%} of matmul), decode "
+                  f"{decode_ms:.2f} ms, cache {row['cache_bytes_measured'] / 1e9:.2f} GB "
+                  f"({row['cache_vs_formula']:.3f} x formula), peak {row['peak_bytes'] / 1e9:.1f} GB", flush=True)
+            _save_longctx(cfg, card, copy_gbs, mm_tflops, rows)
+            del cache, idx
+        del model
 SUBCOMMANDS = {"kernel": bench_kernel, "memory": bench_memory, "train": bench_train, "serve": bench_serve,
                "longctx": bench_longctx}
 
