@@ -4,7 +4,7 @@ with its provenance (git commit, date, card, torch/triton versions, the exact co
     python bench.py kernel    # MLA decode: torch naive vs torch absorbed vs mla_kernel (CUDA)
     python bench.py memory    # KV-cache bytes per token: MLA vs MHA vs GQA, formula and allocation
     python bench.py train     # training throughput / MFU            (not implemented yet)
-    python bench.py serve     # serving load                         (not implemented yet)
+    python bench.py serve     # serving: serve.py vs transformers generate at concurrency 1/8/64; --robustness=1
     python bench.py longctx   # long-context speed                   (not implemented yet)
 
 Flags are nanoGPT-style --key=value after the subcommand; `python bench.py SUB --help` lists them.
@@ -431,7 +431,264 @@ def bench_train(argv):
 
 
 def bench_serve(argv):
-    die("not implemented yet: bench.py serve (serving load, issue 9)")
+    """Serving load: serve.py started as a subprocess on loopback, closed-loop clients at each concurrency
+    (every client sends its next request when the last one is done): generated tokens/s, time to first token
+    and inter-token latency (p50, p99, from the streamed chunks). Baseline: the same prompts through
+    transformers' generate on the exported model, in static batches of `concurrency` rows (padded on the left
+    when lengths differ; here they are equal). Random weights unless --ckpt: speed does not depend on them
+    (ignore_eos makes every request generate exactly --max_tokens). --robustness=1 runs the robustness
+    scenario instead (200 clients for 60 s + schemathesis, results/serve_robustness.json)."""
+    import tempfile
+    import serve
+    import model as M
+    cfg = parse_flags("serve", argv, dict(ckpt="", preset="small", concurrency="1,8,64", rounds=4, prompt_len=512,
+                                          max_tokens=128, dtype="auto", page=64, baseline=True, robustness=False,
+                                          clients=200, duration=60, examples=100, out=""),
+                      dict(ckpt="checkpoint (default: random weights of --preset, seed 0)", preset="model.PRESETS key",
+                           concurrency="concurrent clients (closed loop)", rounds="requests per client at each level",
+                           prompt_len="prompt tokens (random bytes)", max_tokens="generated tokens per request",
+                           dtype="serve.py --dtype", page="cache page size",
+                           baseline="also time transformers' generate on the HF export",
+                           robustness="run the robustness scenario instead", clients="robustness: clients",
+                           duration="robustness: seconds of load", examples="robustness: schemathesis examples per operation",
+                           out="JSON path (default results/bench_serve_<card>.json)"))
+    levels = int_list("serve", "concurrency", cfg["concurrency"])
+    if cfg["preset"] not in M.PRESETS:
+        die(f"serve: --preset={cfg['preset']!r}: choose one of {', '.join(M.PRESETS)}")
+    tmp = tempfile.mkdtemp(prefix="bench-serve-")
+    ckpt = cfg["ckpt"]
+    if not ckpt:
+        ckpt = os.path.join(tmp, "ckpt.pt")
+        torch.manual_seed(0)
+        M.save_checkpoint(ckpt, M.Transformer(M.PRESETS[cfg["preset"]]))
+    elif not os.path.exists(ckpt):
+        die(f"serve: --ckpt={ckpt}: no such file or folder")
+    card = card_name()
+    if cfg["robustness"]:
+        res = serve_robustness(ckpt, cfg["out"] or os.path.join(ROOT, "results", "serve_robustness.json"),
+                               cfg["clients"], cfg["duration"], cfg["examples"])
+        sys.exit(0 if res["pass"] else 1)
+    P, T = cfg["prompt_len"], cfg["max_tokens"]
+    g = torch.Generator().manual_seed(0)
+    n_req = {c: c * cfg["rounds"] for c in levels}
+    prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(max(n_req.values()))]
+    flags = [f"--ckpt={ckpt}", f"--dtype={cfg['dtype']}", f"--page={cfg['page']}", f"--max_num_seqs={max(levels)}",
+             f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg['page'])}",
+             f"--max_num_batched_tokens={max(2048, max(levels))}", "--served_model_name=bench"]
+    rows = []
+    proc, url = serve.spawn_server(flags, os.path.join(tmp, "server.log"))
+    try:
+        def body(i):
+            return ("/v1/completions", {"prompt": prompts[i % len(prompts)], "max_tokens": T, "temperature": 0,
+                                        "ignore_eos": True, "stream": True, "return_token_ids": True,
+                                        "stream_options": {"include_usage": True}}, None)
+        serve.run_load(url, body, 2, num_requests=2)   # warm-up: CUDA context, Triton autotuning
+        for c in levels:
+            recs, wall = serve.run_load(url, body, c, num_requests=n_req[c])
+            row = {"engine": "serve.py", "concurrency": c, **serve.summarize(recs, wall)}
+            rows.append(row)
+            print(f"serve.py     c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
+                  f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms  "
+                  f"{row['statuses']}", flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    if cfg["baseline"]:
+        rows += hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg["dtype"])
+    result = {"provenance": provenance(card), "config": {**cfg, "ckpt": cfg["ckpt"] or f"random {cfg['preset']}",
+                                                         "server_flags": flags[1:], "requests": n_req},
+              "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
+                       "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
+                       "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
+                       "after a device sync); its TTFT is the batch's prefill.", "rows": rows}
+    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
+
+
+def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype):
+    """transformers' generate on `serve.py --export`: greedy, exactly T new tokens, batches of c prompts."""
+    import transformers
+    import model as M
+    out = os.path.join(tmp, "hf")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--export={out}"],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"baseline skipped: export failed: {p.stderr.strip()}", file=sys.stderr)
+        return [{"engine": "transformers.generate", "skipped": p.stderr.strip()}]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = {"auto": torch.bfloat16 if dev == "cuda" else torch.float32, "float32": torch.float32,
+          "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[dtype]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=dt).to(dev).eval()
+
+    class Clock(transformers.LogitsProcessor):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+            return scores
+
+    def run(batch):
+        clock = Clock()
+        ids = torch.tensor(batch, device=dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=T, min_new_tokens=T, do_sample=False,
+                        pad_token_id=M.PAD, logits_processor=transformers.LogitsProcessorList([clock]))
+        return t0, clock.times
+
+    run(prompts[:2])   # warm-up
+    rows = []
+    for c in levels:
+        ttft, itl, gen, t_start = [], [], 0, time.perf_counter()
+        for s in range(0, n_req[c], c):
+            t0, times = run(prompts[s:s + c])
+            ttft += [times[0] - t0] * c
+            itl += [b - a for a, b in zip(times, times[1:])] * c
+            gen += c * len(times)
+        wall = time.perf_counter() - t_start
+
+        def pct(xs, q):
+            xs = sorted(xs)
+            return round(1e3 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3)
+
+        row = {"engine": "transformers.generate", "concurrency": c, "requests": n_req[c], "wall_s": round(wall, 3),
+               "generated_tokens": gen, "throughput_tok_s": round(gen / wall, 2),
+               "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
+        rows.append(row)
+        print(f"transformers c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
+              f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms", flush=True)
+    return rows
+
+
+def robustness_request(i, name, max_model_len):
+    """Request i of the robustness mix (a pure function of i): valid completions and chats of every shape,
+    clients that hang up mid-stream or mid-wait, and bad input. -> (kind, path, body, hang_up_after)."""
+    import random
+    rng = random.Random(i)
+    kind = rng.choices(["completion", "chat", "hangup_stream", "hangup_wait", "bad"], [40, 25, 12, 8, 15])[0]
+    alphabet = "abcdefghij klmnop\n.,?!0123456789éß中文🙂" + "\x00\t"
+    text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 200)))
+    if rng.random() < 0.1:
+        text += "<|im_end|><|endoftext|>"
+    opt = {"max_tokens": rng.randint(1, 48), "temperature": rng.choice([0.0, 0.7, 1.0, 1.5]),
+           "top_p": rng.choice([None, 0.9, 0.3]), "top_k": rng.choice([None, 0, 1, 20]),
+           "seed": rng.choice([None, rng.randrange(2 ** 32)]), "stop": rng.choice([None, "a", ["\n", "xy"], []]),
+           "stream": rng.random() < 0.5, "ignore_eos": rng.random() < 0.5,
+           "repetition_penalty": rng.choice([None, 1.1]), "presence_penalty": rng.choice([None, 0.5])}
+    opt = {k: v for k, v in opt.items() if v is not None}
+    if opt["stream"] and rng.random() < 0.5:
+        opt["stream_options"] = {"include_usage": True}
+    chat = {"model": name, "messages": [{"role": r, "content": text[:rng.randint(1, 60)]}
+                                        for r in rng.sample(["system", "user", "assistant"], rng.randint(1, 3))]}
+    if kind in ("completion", "hangup_stream", "hangup_wait"):
+        body, path = {"model": name, "prompt": text, **opt}, "/v1/completions"
+        if rng.random() < 0.5:
+            body, path = {**chat, **opt}, "/v1/chat/completions"
+        if kind == "completion":
+            return kind, path, body, None
+        body.update(max_tokens=rng.randint(100, 250), ignore_eos=True, stream=kind == "hangup_stream")
+        return kind, path, body, rng.randint(1, 5)
+    if kind == "chat":
+        return kind, "/v1/chat/completions", {**chat, **opt}, None
+    bad = [b'{"prompt": "unterminated', b"\xff\xfe\x00", b"[]", b"null", b'{"prompt": "x", "max_tokens": 1e999}',
+           {"prompt": text, "max_tokens": -1}, {"prompt": text, "max_tokens": 10 ** 12}, {"prompt": 12},
+           {"prompt": text, "model": "no-such-model"}, {"prompt": "y" * (2 * max_model_len)},
+           {"prompt": text, "temperature": "hot"}, {"prompt": [1, 2, -3]}, {"prompt": [10 ** 9]},
+           {"prompt": text, "n": 4}, {"prompt": text, "top_p": 0}, {"prompt": text, "stop": [1, 2]},
+           {"messages": []}, {"messages": [{"role": "robot", "content": "hi"}]}, {"messages": "hi"},
+           {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]}]
+    body = rng.choice(bad)
+    path = "/v1/chat/completions" if isinstance(body, dict) and "messages" in body else "/v1/completions"
+    return kind, path, body, None
+
+
+def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
+    """The robustness run (minutes, so not a test): `clients` concurrent clients for `duration` seconds of the
+    mix above, then schemathesis against the OpenAPI schema (all its checks). Pass: zero 5xx (seen by clients
+    and counted by the server), no client left without an answer, zero blocks held once the engine is idle."""
+    import shutil
+    import tempfile
+    import serve
+    key, name = "sk-robustness", "ic-robust"
+    flags = [f"--ckpt={ckpt}", f"--api_key={key}", f"--served_model_name={name}", "--max_model_len=512",
+             "--kv_cache_tokens=2048", "--page=16", "--max_num_seqs=64", *server_flags]   # a contended pool: preemptions
+    log = os.path.join(tempfile.mkdtemp(prefix="ic-robust-"), "server.log")
+    proc, url = serve.spawn_server(flags, log)
+    num_blocks = 2048 // 16
+    try:
+        kinds = {}
+
+        def make(i):
+            kind, path, body, hang = robustness_request(i, name, 512)
+            kinds[kind] = kinds.get(kind, 0) + 1
+            return path, body, hang
+
+        print(f"robustness: {clients} clients for {duration:.0f} s against {url}", file=sys.stderr, flush=True)
+        records, wall = serve.run_load(url, make, clients, duration=duration, api_key=key)
+        for r in records:
+            r["kind"] = robustness_request(r["i"], name, 512)[0]
+        t0 = time.time()
+        while True:   # let the engine finish what is still running, then count the blocks still held
+            m = serve.scrape(url)
+            if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 or time.time() - t0 > 300:
+                break
+            time.sleep(0.5)
+        load = serve.summarize([r for r in records if r["kind"] in ("completion", "chat")], wall)
+        by_kind = {}
+        for r in records:
+            key_ = "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
+            by_kind.setdefault(r["kind"], {}).setdefault(key_, 0)
+            by_kind[r["kind"]][key_] += 1
+        bad_valid = [r for r in records if r["kind"] in ("completion", "chat") and not r["done"]]
+        load.update(statuses_by_kind=by_kind, client_5xx=sum(1 for r in records if (r["status"] or 0) >= 500),
+                    no_response=sum(1 for r in records if r["status"] is None and not r["hung_up"]),
+                    valid_requests_not_completed=len(bad_valid),
+                    leaked_blocks_after=round(m["vllm:kv_cache_usage_perc"] * num_blocks),
+                    aborted_by_engine=m.get("vllm:request_success_total|finished_reason=abort", 0),
+                    preemptions=m["vllm:num_preemptions_total"],
+                    server_statuses={k.split("=")[1]: v for k, v in m.items() if k.startswith("http_requests_total|")})
+        print(f"robustness: load done: {json.dumps({k: load[k] for k in ('requests', 'client_5xx', 'leaked_blocks_after')})}",
+              file=sys.stderr, flush=True)
+        # schemathesis: every operation of the OpenAPI schema, generated valid and invalid input, all checks
+        st = shutil.which("st") or shutil.which("schemathesis")
+        before = serve.scrape(url)
+        cmd = [st, "run", url + "/openapi.json", "--checks=all", f"--max-examples={examples}", "--workers=4",
+               "--seed=0", "-H", f"Authorization: Bearer {key}", "--no-color", "--suppress-health-check=all",
+               "--request-timeout=300"]
+        print("robustness: " + " ".join(cmd), file=sys.stderr, flush=True)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        t0 = time.time()
+        while True:
+            after = serve.scrape(url)
+            if after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0 or time.time() - t0 > 300:
+                break
+            time.sleep(0.5)
+        summary = p.stdout[p.stdout.rfind("SUMMARY"):] if "SUMMARY" in p.stdout else p.stdout[-3000:]
+        # the first lines of each failure / error schemathesis found (the full text is long)
+        found = [ln.strip() for ln in p.stdout.splitlines()
+                 if ln.strip().startswith(("- ST", "[4", "[5", "`{", "Network Error", "Runtime Error", "Inconsistent",
+                                           "ReadTimeout", "Timeout", "Connection", "_" * 10))][:80]
+        server_delta = {k.split("=")[1]: after[k] - before.get(k, 0) for k in after if k.startswith("http_requests_total|")}
+        schem = {"command": " ".join(c if "Bearer" not in c else "Authorization: Bearer ***" for c in cmd[1:]),
+                 "exit_code": p.returncode, "summary": summary.strip().splitlines(), "findings": found,
+                 "server_statuses": {k: v for k, v in server_delta.items() if v},
+                 "server_5xx": sum(v for k, v in server_delta.items() if k.startswith("5")),
+                 "not_a_server_error_failures": summary.count("Server error"),
+                 "leaked_blocks_after": round(after["vllm:kv_cache_usage_perc"] * num_blocks)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    res = {"provenance": provenance(card_name()), "config": {"clients": clients, "duration_s": duration,
+                                                         "server_flags": [f for f in flags if key not in f],
+                                                         "num_blocks": num_blocks, "schemathesis_examples": examples},
+           "load": load, "schemathesis": schem,
+           "pass": load["client_5xx"] == 0 and load["leaked_blocks_after"] == 0 and schem["server_5xx"] == 0
+           and schem["leaked_blocks_after"] == 0 and load["no_response"] == 0}
+    write_json(out, res)
+    print(f"robustness: pass={res['pass']}", file=sys.stderr)
+    return res
 
 
 def _save_longctx(cfg, card, copy_gbs, mm_tflops, rows):

@@ -1299,6 +1299,30 @@ def test_serve_cli_errors(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and "vLLM" in err and "not installed" in err and err.count("\n") == 1
 
 
+def test_serve_export_and_vllm_command(tmp_path):
+    """--export writes the HF folder (model.export_hf) that loads back to the same weights; --backend=vllm exports
+    and execs `vllm serve DIR` with our settings (vLLM cannot run here: a stand-in `vllm` on PATH records argv)."""
+    ckpt = _serve_ckpt(tmp_path / "ckpt.pt")
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(tmp_path / 'argv.json')!r}, 'w'))\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    p = _sproc.run([sys.executable, _SERVE_PY, f"--ckpt={ckpt}", "--backend=vllm", f"--export={tmp_path / 'hf'}",
+                    "--port=8011", "--host=0.0.0.0", "--api-key=sk-v", "--served_model_name=ic-v", "--max_model_len=300"],
+                   env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    argv = _sjson.load(open(tmp_path / "argv.json"))
+    assert argv[:2] == ["serve", str(tmp_path / "hf")]
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    assert opts == {"--served-model-name": "ic-v", "--dtype": "bfloat16", "--max-model-len": "300", "--host": "0.0.0.0",
+                    "--port": "8011", "--max-num-seqs": "64", "--api-key": "sk-v"}
+    assert "sk-v" not in p.stderr   # the key is not echoed
+    ref, back = M.load_checkpoint(ckpt), M.load_checkpoint(str(tmp_path / "hf"))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b.float()), n
+
+
 class _ServeProc:
     """python serve.py on a free loopback port, up once /health answers."""
 
