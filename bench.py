@@ -613,7 +613,7 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
     import serve
     key, name = "sk-robustness", "ic-robust"
     flags = [f"--ckpt={ckpt}", f"--api_key={key}", f"--served_model_name={name}", "--max_model_len=512",
-             "--kv_cache_tokens=2048", "--page=16", "--max_num_seqs=64", *server_flags]   # a contended pool: preemptions
+             "--kv_cache_tokens=2048", "--page=16", "--max_num_seqs=64"]   # a contended pool: preemptions
     log = os.path.join(tempfile.mkdtemp(prefix="ic-robust-"), "server.log")
     proc, url = serve.spawn_server(flags, log)
     num_blocks = 2048 // 16
@@ -657,7 +657,8 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
         cmd = [st, "run", url + "/openapi.json", "--checks=all", f"--max-examples={examples}", "--workers=4",
                "--seed=0", "-H", f"Authorization: Bearer {key}", "--no-color", "--suppress-health-check=all",
                "--request-timeout=300"]
-        print("robustness: " + " ".join(cmd), file=sys.stderr, flush=True)
+        shown = " ".join(c if "Bearer" not in c else "'Authorization: Bearer ***'" for c in cmd)
+        print("robustness: " + shown, file=sys.stderr, flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         t0 = time.time()
         while True:
@@ -671,7 +672,7 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
                  if ln.strip().startswith(("- ST", "[4", "[5", "`{", "Network Error", "Runtime Error", "Inconsistent",
                                            "ReadTimeout", "Timeout", "Connection", "_" * 10))][:80]
         server_delta = {k.split("=")[1]: after[k] - before.get(k, 0) for k in after if k.startswith("http_requests_total|")}
-        schem = {"command": " ".join(c if "Bearer" not in c else "Authorization: Bearer ***" for c in cmd[1:]),
+        schem = {"command": shown,
                  "exit_code": p.returncode, "summary": summary.strip().splitlines(), "findings": found,
                  "server_statuses": {k: v for k, v in server_delta.items() if v},
                  "server_5xx": sum(v for k, v in server_delta.items() if k.startswith("5")),

@@ -6,7 +6,8 @@ OpenAI-compatible server for InfiniteContext: continuous batching on the paged l
     python serve.py --ckpt=... --backend=vllm --port=8000          # export, then `vllm serve` it
 
 Read top to bottom: config, sampling, the engine (scheduler + block allocator + model runner, one
-background thread), metrics (vLLM's names), the HTTP API (FastAPI), the command line.
+background thread), metrics (vLLM's names), the HTTP API (FastAPI), a load generator (stdlib HTTP
+clients: bench.py serve and the robustness run drive the server with it), the command line.
 
 The engine, in one paragraph (vLLM's scheduler, gpt-fast's static buffers): one kv pool of
 (layers, num_blocks, page, width) is allocated at start. A request is admitted (FCFS) when the
@@ -38,9 +39,6 @@ from dataclasses import dataclass, field, fields
 from typing import Annotated, Literal
 
 import torch
-
-import model as M
-
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -48,6 +46,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
                                generate_latest)
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import model as M
 
 
 @dataclass
