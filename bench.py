@@ -611,6 +611,9 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
     import shutil
     import tempfile
     import serve
+    st = shutil.which("st") or shutil.which("schemathesis")
+    if st is None:
+        die("serve: --robustness=1 needs schemathesis (pip install schemathesis)")
     key, name = "sk-robustness", "ic-robust"
     flags = [f"--ckpt={ckpt}", f"--api_key={key}", f"--served_model_name={name}", "--max_model_len=512",
              "--kv_cache_tokens=2048", "--page=16", "--max_num_seqs=64"]   # a contended pool: preemptions
@@ -652,7 +655,6 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
         print(f"robustness: load done: {json.dumps({k: load[k] for k in ('requests', 'client_5xx', 'leaked_blocks_after')})}",
               file=sys.stderr, flush=True)
         # schemathesis: every operation of the OpenAPI schema, generated valid and invalid input, all checks
-        st = shutil.which("st") or shutil.which("schemathesis")
         before = serve.scrape(url)
         cmd = [st, "run", url + "/openapi.json", "--checks=all", f"--max-examples={examples}", "--workers=4",
                "--seed=0", "-H", f"Authorization: Bearer {key}", "--no-color", "--suppress-health-check=all",

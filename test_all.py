@@ -1153,7 +1153,12 @@ import subprocess as _sproc  # noqa: E402
 import time as _stime  # noqa: E402
 import urllib.request as _urlreq  # noqa: E402
 
-import serve  # noqa: E402
+try:
+    import serve  # noqa: E402
+    _SERVE_SKIP = ""
+except ImportError as _e:   # the GPU image has no web stack (fastapi, uvicorn, prometheus_client)
+    serve, _SERVE_SKIP = None, f"serve.py cannot be imported here: {_e}"
+_needs_serve = pytest.mark.skipif(serve is None, reason=_SERVE_SKIP)
 
 _SERVE_PY = os.path.join(ROOT, "serve.py")
 _SERVE_KEY = "sk-serve-test"
@@ -1190,6 +1195,7 @@ def _strip_stop(ids):
     return ids[:-1] if ids and ids[-1] in M.STOP_IDS else ids
 
 
+@_needs_serve
 def test_serve_engine_matches_generate_with_preemption():
     """16 ragged requests through the engine with a cache too small for all of them: the scheduler must wait,
     chunk prefills, batch ragged decodes and preempt; every greedy output must still be model.generate's
@@ -1231,6 +1237,7 @@ def _serve_engine_check():
         assert "".join(o.text for o in told) == text
 
 
+@_needs_serve
 def test_serve_sampling_matches_closed_form():
     """temperature, top-k, top-p: empirical frequencies of 20000 per-request-seeded draws against the filtered
     distribution computed by hand; excluded tokens never appear; a row's draw depends only on its seed."""
@@ -1265,6 +1272,7 @@ def test_serve_sampling_matches_closed_form():
     assert again[:3].tolist() == [0, 0, 0] and again[3:].tolist() == toks[:50].tolist()[::-1]
 
 
+@_needs_serve
 def test_serve_cli_errors(tmp_path, capsys, monkeypatch):
     """--help lists every flag; bad flags, a missing checkpoint, a broken one, --backend=vllm without vLLM:
     one line on stderr and exit code 2."""
@@ -1299,6 +1307,7 @@ def test_serve_cli_errors(tmp_path, capsys, monkeypatch):
         assert e.value.code == 2 and "vLLM" in err and "not installed" in err and err.count("\n") == 1
 
 
+@_needs_serve
 def test_serve_export_and_vllm_command(tmp_path):
     """--export writes the HF folder (model.export_hf) that loads back to the same weights; --backend=vllm exports
     and execs `vllm serve DIR` with our settings (vLLM cannot run here: a stand-in `vllm` on PATH records argv)."""
@@ -1399,6 +1408,7 @@ def _openai(s):
     return openai.OpenAI(base_url=s.url + "/v1", api_key=_SERVE_KEY, max_retries=0, timeout=120)
 
 
+@_needs_serve
 def test_serve_openai_client(serve_proc):
     """completions and chat, streamed and not, through the official client: streams add up to the whole
     answer, usage is there (also as the last chunk with include_usage), stop strings cut the text."""
@@ -1444,6 +1454,7 @@ def test_serve_openai_client(serve_proc):
     assert s1 == s2
 
 
+@_needs_serve
 def test_serve_concurrent_greedy_equals_sequential(serve_proc):
     """16 ragged greedy requests at once (the cache holds fewer: waiting, chunking, preemption) give exactly the
     tokens of the same requests one at a time, and model.generate's; seeded sampled requests match too."""
@@ -1469,6 +1480,7 @@ def test_serve_concurrent_greedy_equals_sequential(serve_proc):
     assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm:num_requests_running"] == 0
 
 
+@_needs_serve
 def test_serve_bad_inputs_get_4xx(serve_proc):
     """Every bad input gets its 4xx with an OpenAI-style error body, and the server keeps serving."""
     s = serve_proc
@@ -1537,6 +1549,7 @@ def _wait_for(s, cond, what, timeout=60):
         _stime.sleep(0.05)
 
 
+@_needs_serve
 def test_serve_disconnect_frees_blocks(serve_proc):
     """A client that hangs up mid-stream, or while waiting for a whole answer, gets its request aborted and its
     blocks freed: vllm:kv_cache_usage_perc back to 0, far fewer tokens generated than asked for."""
@@ -1561,6 +1574,7 @@ def test_serve_disconnect_frees_blocks(serve_proc):
         assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 200
 
 
+@_needs_serve
 def test_serve_metrics_count_tokens(serve_proc):
     """/metrics counts prompt and generated tokens exactly (against the tokenizer and usage)."""
     s = serve_proc
@@ -1589,6 +1603,7 @@ def test_serve_metrics_count_tokens(serve_proc):
     assert after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"] == 2 + 3 + 4 + 5
 
 
+@_needs_serve
 def test_serve_queue_full_and_sigterm_drain(tmp_path):
     """One running sequence and a queue of one: a burst gets 503 + Retry-After for the overflow (the rest is
     served); SIGTERM mid-stream refuses new connections, lets the stream finish every token, then exits 0."""
