@@ -658,7 +658,7 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
         before = serve.scrape(url)
         cmd = [st, "run", url + "/openapi.json", "--checks=all", f"--max-examples={examples}", "--workers=4",
                "--seed=0", "-H", f"Authorization: Bearer {key}", "--no-color", "--suppress-health-check=all",
-               "--request-timeout=300"]
+               "--request-timeout=300", "--max-response-time=300"]   # 2 CPU cores: up to 512 tokens take a while
         shown = " ".join(c if "Bearer" not in c else "'Authorization: Bearer ***'" for c in cmd)
         print("robustness: " + shown, file=sys.stderr, flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)

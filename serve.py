@@ -473,7 +473,8 @@ def Int(**bounds):
     return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
 
 
-TokenIds = Annotated[list[Int(ge=0)], Field(min_length=1)]
+VOCAB = M.ModelConfig().vocab_size    # every model here shares the one tokenizer: 256 bytes + 8 specials
+TokenIds = Annotated[list[Int(ge=0, lt=VOCAB)], Field(min_length=1)]
 
 
 def only_false(name):

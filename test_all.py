@@ -1519,11 +1519,17 @@ def test_serve_bad_inputs_get_4xx(serve_proc):
         ("GET", "/v1/completions", None, {}, _SERVE_KEY, 405),
         ("POST", "/v1/nothing", ok, {}, _SERVE_KEY, 404),
     ]
+    before = serve.scrape(s.url)
     for method, path, body, headers, key, want in cases:
         status, _, reply = s.request(method, path, body, headers, key)
         assert status == want, (path, body if not isinstance(body, (str, bytes)) or len(body) < 80 else "...", status, reply)
         assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"], reply
         assert s.proc.poll() is None
+    after = serve.scrape(s.url)   # the server counted every answer by status, and none was a 5xx
+    for code in {c[-1] for c in cases}:
+        got = after[f"http_requests_total|status={code}"] - before.get(f"http_requests_total|status={code}", 0)
+        assert got == sum(c[-1] == code for c in cases), code
+    assert not [k for k in after if k.startswith("http_requests_total|status=5")]
     status, _, reply = s.request("POST", "/v1/chat/completions", {**chat, "max_tokens": 3, "ignore_eos": True})
     assert status == 200 and reply["usage"]["completion_tokens"] == 3
     assert s.request("GET", "/health", key=None)[0] == 200 and s.request("GET", "/metrics", key=None)[0] == 200
