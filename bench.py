@@ -482,7 +482,7 @@ def bench_serve(argv):
             return ("/v1/completions", {"prompt": prompts[i % len(prompts)], "max_tokens": T, "temperature": 0,
                                         "ignore_eos": True, "stream": True, "return_token_ids": True,
                                         "stream_options": {"include_usage": True}}, None)
-        serve.run_load(url, body, 2, num_requests=2)   # warm-up: CUDA context, Triton autotuning
+        serve.run_load(url, body, max(levels), num_requests=max(levels))   # warm-up: CUDA context, Triton JIT
         for c in levels:
             recs, wall = serve.run_load(url, body, c, num_requests=n_req[c])
             row = {"engine": "serve.py", "concurrency": c, **serve.summarize(recs, wall)}
