@@ -661,7 +661,8 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
                "--request-timeout=300", "--max-response-time=300"]   # 2 CPU cores: up to 512 tokens take a while
         shown = " ".join(c if "Bearer" not in c else "'Authorization: Bearer ***'" for c in cmd)
         print("robustness: " + shown, file=sys.stderr, flush=True)
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
+                           cwd=tempfile.mkdtemp(prefix="ic-st-"))   # it keeps a .schemathesis/ cache in its cwd
         t0 = time.time()
         while True:
             after = serve.scrape(url)
