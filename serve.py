@@ -1138,6 +1138,8 @@ def main(argv):
     if device.type == "cpu":   # decode is many small ops: oversubscribed OpenMP threads cost 10-50x
         torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
     model = load_model(cfg, device, dtype)
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and (cfg.page < 16 or cfg.page & (cfg.page - 1)):
+        die(f"--page={cfg.page}: the CUDA decode kernel (mla_kernel) needs a power of two >= 16")
     per_token = size_cache(cfg, model.config, device, dtype)
     metrics = Metrics(cfg.served_model_name)
     engine = Engine(model, cfg, metrics)
