@@ -1335,7 +1335,8 @@ def test_serve_export_and_vllm_command(tmp_path):
 class _ServeProc:
     """python serve.py on a free loopback port, up once /health answers."""
 
-    def __init__(self, tmp, *flags):
+    def __init__(self, tmp, *flags, model_name):
+        self.model_name = model_name
         with _ssocket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -1358,14 +1359,16 @@ class _ServeProc:
         return self.log.read()[-3000:]
 
     def metrics(self):
+        """/metrics as {name|label=value,...: float}; every vllm: series must carry model_name."""
         text = _urlreq.urlopen(self.url + "/metrics", timeout=10).read().decode()
         out = {}
         for line in text.splitlines():
-            m = _re.match(r'^(vllm:\w+)\{([^}]*)\} (\S+)$', line)
-            if m and "model_name=" in m.group(2):
-                labels = dict(_re.findall(r'(\w+)="([^"]*)"', m.group(2)))
-                key = m.group(1) + ("" if set(labels) == {"model_name"} else
-                                    "|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items()) if k != "model_name"))
+            m = _re.match(r'^([\w:]+)(?:\{([^}]*)\})? (\S+)$', line)
+            if m:
+                labels = dict(_re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+                if m.group(1).startswith("vllm:"):
+                    assert labels.pop("model_name") == self.model_name, line
+                key = m.group(1) + ("|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels else "")
                 out[key] = float(m.group(3))
         return out
 
@@ -1397,7 +1400,7 @@ def serve_proc(tmp_path_factory):
     # float64 makes batched == sequential exact; 60 blocks of 4 tokens is too few for 16 requests at once
     s = _ServeProc(tmp, f"--ckpt={ckpt}", "--dtype=float64", "--page=4", "--num_blocks=60", "--max_model_len=240",
                    "--max_num_seqs=16", "--max_num_batched_tokens=48", f"--api-key={_SERVE_KEY}",
-                   "--served_model_name=ic-test")
+                   "--served_model_name=ic-test", model_name="ic-test")
     s.ckpt = ckpt
     yield s
     s.stop()
@@ -1519,13 +1522,13 @@ def test_serve_bad_inputs_get_4xx(serve_proc):
         ("GET", "/v1/completions", None, {}, _SERVE_KEY, 405),
         ("POST", "/v1/nothing", ok, {}, _SERVE_KEY, 404),
     ]
-    before = serve.scrape(s.url)
+    before = s.metrics()
     for method, path, body, headers, key, want in cases:
         status, _, reply = s.request(method, path, body, headers, key)
         assert status == want, (path, body if not isinstance(body, (str, bytes)) or len(body) < 80 else "...", status, reply)
         assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"], reply
         assert s.proc.poll() is None
-    after = serve.scrape(s.url)   # the server counted every answer by status, and none was a 5xx
+    after = s.metrics()   # the server counted every answer by status, and none was a 5xx
     for code in {c[-1] for c in cases}:
         got = after[f"http_requests_total|status={code}"] - before.get(f"http_requests_total|status={code}", 0)
         assert got == sum(c[-1] == code for c in cases), code
@@ -1615,7 +1618,7 @@ def test_serve_queue_full_and_sigterm_drain(tmp_path):
     served); SIGTERM mid-stream refuses new connections, lets the stream finish every token, then exits 0."""
     ckpt = _serve_ckpt(tmp_path / "ckpt.pt")
     s = _ServeProc(str(tmp_path), f"--ckpt={ckpt}", "--max_num_seqs=1", "--max_queue=1", "--page=16",
-                   f"--api_key={_SERVE_KEY}")
+                   f"--api_key={_SERVE_KEY}", "--served_model_name=ic-sig", model_name="ic-sig")
     try:
         body = {"prompt": "count", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
         with _cf.ThreadPoolExecutor(6) as ex:
