@@ -1478,8 +1478,10 @@ def test_serve_concurrent_greedy_equals_sequential(serve_proc):
     assert together == one_by_one
     assert after["vllm:num_preemptions_total"] > before["vllm:num_preemptions_total"]   # the pool really ran out
     model = M.load_checkpoint(serve_proc.ckpt).double().eval()
-    for i in range(1, 16, 4):   # greedy, stopping at <|im_end|> / <|endoftext|>
-        assert _strip_stop(together[i]) == _reference_greedy(model, prompts[i], 16 + i), i
+    for i in [i for i in range(16) if i % 4]:   # the greedy ones; generate() stops at <|im_end|> / <|endoftext|>
+        ref = _reference_greedy(model, prompts[i], 16 + i)
+        got = together[i] if i % 2 == 0 else _strip_stop(together[i])   # even i: ignore_eos, may run past a stop
+        assert got[:len(ref)] == ref and (i % 2 == 0 or len(got) == len(ref)), i
     assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm:num_requests_running"] == 0
 
 
