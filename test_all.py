@@ -184,9 +184,12 @@ def _infra_try_step(path):
 def test_infra_sbatch_trains_tiny(infra_cluster, tmp_path):
     tmp_path.chmod(0o755)
     job = _infra_sbatch(tmp_path, "--max_iters=4", "--ckpt_interval=2", name=f"ic-test-{os.getpid()}")
-    state = _infra_wait(lambda: _infra_job(job)["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING",
-                                                                    "COMPLETING") and _infra_job(job), 300,
-                        f"job {job} to end")
+    try:
+        state = _infra_wait(lambda: (lambda j: j["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                     "COMPLETING") and j)(_infra_job(job)),
+                            300, f"job {job} to end")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
     log = open(next(tmp_path.glob(f"*-{job}.out"))).read()
     assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
     assert f"job {job} run 1: 1 node(s) x 1 process(es)" in log and "--preset=tiny" in log
@@ -490,7 +493,9 @@ def infra_serve_py(tmp_path_factory):
 
 def test_infra_metrics_exist_in_serve_py(infra_serve_py):
     base = infra_serve_py["base"]
-    status, _ = _infra_get(base + "/v1/completions", {"model": "infinitecontext", "prompt": "hello", "max_tokens": 2})
+    model_id = json.loads(_infra_get(base + "/v1/models")[1])["data"][0]["id"]
+    # One request, so that every labelled family (histograms included) has a child to expose.
+    status, _ = _infra_get(base + "/v1/completions", {"model": model_id, "prompt": "hello", "max_tokens": 2})
     assert status == 200
     status, text = _infra_get(base + "/metrics")
     exposed = {}
