@@ -50,7 +50,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.request
 
@@ -65,7 +64,7 @@ INFRA_VLLM_METRICS = {"vllm:num_requests_running", "vllm:num_requests_waiting", 
                       "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
                       "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
                       "vllm:e2e_request_latency_seconds"}
-# dcgm-exporter 3.3.9's default-counters.csv fields (the subset a serving dashboard can use).
+# Fields from dcgm-exporter's default-counters.csv (the subset a serving dashboard can use).
 INFRA_DCGM_FIELDS = {"DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP",
                      "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
                      "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL",
