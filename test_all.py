@@ -510,9 +510,8 @@ def test_infra_metrics_exist_in_serve_py(infra_serve_py):
         assert all("model_name=" in lbl for lbl in exposed[n]), (n, exposed[n])
 
 
-def test_infra_same_manifest_serves_embedded_engine(infra_serve_py, tmp_path):
-    """Swap only image and command for the serve-py annotations: the manifest still validates, and
-    serve.py answers the kubelet's probes on the container port."""
+def _infra_embedded_manifest():
+    """k8s.yaml with the vllm container's image and command swapped for the serve-py annotations."""
     docs = _infra_manifest()
     dep = _infra_doc(docs, "Deployment", "vllm")
     ann = dep["metadata"]["annotations"]
@@ -520,12 +519,25 @@ def test_infra_same_manifest_serves_embedded_engine(infra_serve_py, tmp_path):
     before = json.loads(json.dumps(c))
     c["image"] = ann["infinitecontext/serve-py-image"]
     c["command"] = ann["infinitecontext/serve-py-command"].split()
-    assert {k for k in c if c[k] != before[k]} == {"image", "command"}
+    return docs, c, before
+
+
+def test_infra_same_manifest_embedded_engine_validates(tmp_path):
+    docs, c, before = _infra_embedded_manifest()
+    assert {k for k in c if c[k] != before[k]} == {"image", "command"} and "args" not in c
     (tmp_path / "embedded.yaml").write_text(yaml.safe_dump_all(docs))
     rc, out = _infra_validate(str(tmp_path / "embedded.yaml"), "1.30.0")
     assert rc == 0, out
-    port = f"--port={c['ports'][0]['containerPort']}"
-    assert port in c["command"]
+    # serve.py's flags agree with what the rest of the manifest expects of the container.
+    model_path = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "models")
+    assert c["command"][:2] == ["python", "serve.py"]
+    assert f"--ckpt={model_path}" in c["command"] and f"--port={c['ports'][0]['containerPort']}" in c["command"]
+    assert "--host=0.0.0.0" in c["command"]  # the kubelet probes and the Service reach the pod IP
+
+
+def test_infra_same_manifest_serves_embedded_engine(infra_serve_py):
+    """serve.py, started with the manifest's command, answers the kubelet's probes and the API."""
+    docs, c, before = _infra_embedded_manifest()
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         status, _ = _infra_get(infra_serve_py["base"] + c[probe]["httpGet"]["path"])
         assert status == 200, probe
