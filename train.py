@@ -490,6 +490,10 @@ def train(cfg, model=None, batches=None, loss_fn=None):
         cfg.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
     path = os.path.join(cfg.out_dir, "ckpt.pt")
 
+    if rank == 0 and os.path.isdir(cfg.out_dir):   # temp files of saves that were killed midway
+        for f in os.listdir(cfg.out_dir):
+            if f.startswith("ckpt.pt.tmp"):
+                os.remove(os.path.join(cfg.out_dir, f))
     # what to start from: rank 0 reads the checkpoint; the others get its small fields by broadcast
     src = path if cfg.resume and _rank0(lambda: os.path.exists(path), rank, share=True) else None
     src = src or cfg.init_from or None
