@@ -832,6 +832,301 @@ def test_needle_cli_errors(tmp_path, capsys):
 
 
 # ============================================================================ train (issue 6)
+import json as _tjson  # noqa: E402
+import re as _tre  # noqa: E402
+import signal as _tsignal  # noqa: E402
+import subprocess as _tsub  # noqa: E402
+import time as _ttime  # noqa: E402
+
+import numpy as _tnp  # noqa: E402
+
+import train as T  # noqa: E402
+
+# a model small enough that a CPU step takes milliseconds (the tiny preset's shape, scaled down)
+_TRAIN_SMALL = ["--model.hidden_size=32", "--model.intermediate_size=64", "--model.num_hidden_layers=2",
+                "--model.num_attention_heads=2", "--model.kv_lora_rank=16", "--model.qk_rope_head_dim=8",
+                "--model.qk_nope_head_dim=8", "--model.v_head_dim=16"]
+_TRAIN_TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def _train_text(path, n_words=6000, seed=0):
+    """Pseudo-English (a fixed vocabulary, random order): learnable byte statistics, nothing downloaded."""
+    import random
+    words = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex the jovial king "
+             "and many birds sing in the old forest near our small village").split()
+    rng = random.Random(seed)
+    text = " ".join(rng.choice(words) for _ in range(n_words)) + "\n"
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def _train_args(tmp, out, data, steps, *extra):
+    return ([f"--out_dir={tmp / out}", f"--data={data}", f"--max_iters={steps}", "--seq_len=32", "--log_interval=1",
+             "--warmup_iters=2", "--lr=3e-3", "--min_lr=3e-4", "--eval_samples=0", "--compile=False"]
+            + _TRAIN_SMALL + list(extra))
+
+
+def _train_losses(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(_tjson.loads, f)]
+
+
+def _train_cli(args, cwd, torchrun=False, env=None, **kw):
+    cmd = (_TRAIN_TORCHRUN if torchrun else [sys.executable]) + [os.path.join(ROOT, "train.py")] + args
+    return _tsub.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=300, **kw)
+
+
+def _train_interrupt(args, cwd, at_step, torchrun=False):
+    """Start a run, send SIGTERM once it has logged step `at_step`; (returncode, stdout)."""
+    cmd = (_TRAIN_TORCHRUN if torchrun else [sys.executable]) + [os.path.join(ROOT, "train.py")] + args
+    p = _tsub.Popen(cmd, cwd=cwd, stdout=_tsub.PIPE, stderr=_tsub.STDOUT, text=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if _tre.match(rf"step\s+{at_step}/", line):
+            p.send_signal(_tsignal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=120)
+    return p.returncode, "".join(lines) + rest
+
+
+@pytest.fixture(scope="module")
+def train_fsdp_run(tmp_path_factory):
+    """Six steps under torchrun, 2 processes (gloo), FSDP2 with gradient accumulation and activation
+    checkpointing: 1 row per micro-batch x 2 micro-batches x 2 ranks = the global batch of 4."""
+    tmp = tmp_path_factory.mktemp("train_fsdp")
+    _train_text(tmp / "text.txt")
+    args = _train_args(tmp, "fsdp", tmp / "text.txt", 6, "--batch_size=1", "--grad_accum=2", "--act_ckpt=True")
+    r = _train_cli(args, tmp, torchrun=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return tmp, args
+
+
+def test_train_fsdp_two_ranks_match_one_process(train_fsdp_run):
+    """FSDP2 over 2 gloo ranks gives one plain process's losses and weights (same global batch, float32)."""
+    tmp, _ = train_fsdp_run
+    r = _train_cli(_train_args(tmp, "single", tmp / "text.txt", 6, "--batch_size=4"), tmp)
+    assert r.returncode == 0, r.stderr
+    a, b = _train_losses(tmp / "fsdp"), _train_losses(tmp / "single")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 7))
+    for (_, x), (_, y) in zip(a, b):
+        assert abs(x - y) <= 2e-5 * abs(y), (a, b)
+    assert b[-1][1] < b[0][1]                                    # it trained
+    wa, wb = M.read_checkpoint(tmp / "fsdp" / "ckpt.pt"), M.read_checkpoint(tmp / "single" / "ckpt.pt")
+    assert wa["step"] == wb["step"] == 6
+    for k, v in wb["model"].items():
+        torch.testing.assert_close(wa["model"][k], v, rtol=1e-4, atol=1e-6)
+    for k, st in wb["optimizer"]["state"].items():              # optimizer state gathered from the shards
+        torch.testing.assert_close(wa["optimizer"]["state"][k]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+
+
+def test_train_sigterm_resume_is_exact(tmp_path):
+    """SIGTERM mid-run: exit 0 with a checkpoint; --resume=True then repeats the uninterrupted run's losses
+    and ends with the same weights, bit for bit (one process)."""
+    _train_text(tmp_path / "text.txt")
+    full = _train_cli(_train_args(tmp_path, "full", tmp_path / "text.txt", 10, "--batch_size=4"), tmp_path)
+    assert full.returncode == 0, full.stderr
+    args = _train_args(tmp_path, "cut", tmp_path / "text.txt", 10, "--batch_size=4", "--ckpt_interval=0")
+    rc, out = _train_interrupt(args, tmp_path, at_step=3)
+    assert rc == 0, out
+    stopped = M.read_checkpoint(tmp_path / "cut" / "ckpt.pt")["step"]
+    assert 3 <= stopped < 10, out
+    r = _train_cli(args + ["--resume=True"], tmp_path)
+    assert r.returncode == 0 and f"at step {stopped}" in r.stdout, r.stdout + r.stderr
+    assert _train_losses(tmp_path / "cut") == _train_losses(tmp_path / "full")
+    a, b = M.read_checkpoint(tmp_path / "cut" / "ckpt.pt"), M.read_checkpoint(tmp_path / "full" / "ckpt.pt")
+    assert all(torch.equal(a["model"][k], v) for k, v in b["model"].items())
+
+
+def test_train_sigterm_under_torchrun_resumes_exactly(train_fsdp_run):
+    """SIGTERM to torchrun (as train.sbatch sends it): both ranks stop at the same step and save; the
+    resumed torchrun run repeats the uninterrupted FSDP run's losses exactly."""
+    tmp, args = train_fsdp_run
+    args = [a.replace(f"--out_dir={tmp / 'fsdp'}", f"--out_dir={tmp / 'fsdp_cut'}") for a in args]
+    rc, out = _train_interrupt(args + ["--ckpt_interval=0"], tmp, at_step=2, torchrun=True)
+    assert "SIGTERM: stopped at step" in out, out          # torchrun itself exits 1 on a signal (torch's choice)
+    stopped = M.read_checkpoint(tmp / "fsdp_cut" / "ckpt.pt")["step"]
+    assert 2 <= stopped < 6
+    r = _train_cli(args + ["--resume=True"], tmp, torchrun=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _train_losses(tmp / "fsdp_cut") == _train_losses(tmp / "fsdp")
+
+
+def test_train_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    """SIGKILL while a save is half written (IC_SAVE_PAUSE): ckpt.pt is still the previous, loadable one,
+    and --resume=True continues from it."""
+    _train_text(tmp_path / "text.txt")
+    args = _train_args(tmp_path, "o", tmp_path / "text.txt", 2, "--batch_size=2")
+    assert _train_cli(args, tmp_path).returncode == 0
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    args4 = [a.replace("--max_iters=2", "--max_iters=4") for a in args] + ["--resume=True", "--ckpt_interval=1"]
+    p = _tsub.Popen([sys.executable, os.path.join(ROOT, "train.py")] + args4, cwd=tmp_path,
+                    env={**os.environ, "IC_SAVE_PAUSE": "120"}, stdout=_tsub.DEVNULL, stderr=_tsub.DEVNULL)
+    try:
+        deadline = _ttime.time() + 120
+        while not [f for f in os.listdir(tmp_path / "o") if f.startswith("ckpt.pt.tmp")]:
+            assert p.poll() is None and _ttime.time() < deadline
+            _ttime.sleep(0.05)
+        tmp_file = [f for f in os.listdir(tmp_path / "o") if f.startswith("ckpt.pt.tmp")][0]
+        deadline = _ttime.time() + 30
+        while os.path.getsize(tmp_path / "o" / tmp_file) == 0 and _ttime.time() < deadline:
+            _ttime.sleep(0.05)                                  # the first half is on disk
+        assert os.path.getsize(tmp_path / "o" / tmp_file) > 0
+    finally:
+        p.kill()
+        p.wait()
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+    ck = M.read_checkpoint(tmp_path / "o" / "ckpt.pt")
+    assert ck["step"] == 2
+    M.load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))
+    r = _train_cli(args4, tmp_path)
+    assert r.returncode == 0 and "at step 2" in r.stdout, r.stdout + r.stderr
+    assert M.read_checkpoint(tmp_path / "o" / "ckpt.pt")["step"] == 4
+    assert not [f for f in os.listdir(tmp_path / "o") if f.startswith("ckpt.pt.tmp")]   # the killed save's litter
+
+
+def _wandb_records(path):
+    """Records of a W&B transaction log (run-*.wandb): a 7-byte ':W&B' header, then LevelDB's log format
+    (32 KiB blocks of chunks: crc32c u32, length u16, type u8 = FULL 1 / FIRST 2 / MIDDLE 3 / LAST 4),
+    each record a wandb_internal_pb2.Record. (wandb >= 0.19 writes it from Go and has no Python reader.)"""
+    import struct
+    from wandb.proto import wandb_internal_pb2 as pb
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B"
+    recs, buf, off = [], b"", 7
+    while off + 7 <= len(data):
+        if 32768 - off % 32768 < 7:                        # a block's tail too short for a header: padding
+            off += 32768 - off % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[off:off + 7])
+        if kind == 0:
+            break
+        buf, off = buf + data[off + 7:off + 7 + n], off + 7 + n
+        if kind in (1, 4):
+            r = pb.Record()
+            r.ParseFromString(buf)
+            recs.append(r)
+            buf = b""
+    return recs
+
+
+def test_train_wandb_offline_summary(tmp_path):
+    """--wandb_log=True without an API key: an offline run directory whose run.summary (read back from its
+    transaction log) holds the values of the last JSONL record, and whose history holds every step."""
+    pytest.importorskip("wandb")
+    _train_text(tmp_path / "text.txt")
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR")}
+    r = _tsub.run([sys.executable, os.path.join(ROOT, "train.py")]
+                  + _train_args(tmp_path, "o", tmp_path / "text.txt", 3, "--batch_size=2", "--wandb_log=True"),
+                  cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    runs = [d for d in os.listdir(tmp_path / "o" / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1, os.listdir(tmp_path / "o" / "wandb")
+    run_dir = tmp_path / "o" / "wandb" / runs[0]
+    log = [_tjson.loads(ln) for ln in (tmp_path / "o" / "log.jsonl").read_text().splitlines()]
+    summary, history = {}, []
+    for rec in _wandb_records(next(run_dir.glob("run-*.wandb"))):
+        kind = rec.WhichOneof("record_type")
+        if kind == "summary":
+            summary.update({i.key or "/".join(i.nested_key): _tjson.loads(i.value_json) for i in rec.summary.update})
+        elif kind == "history":
+            history.append({i.key or "/".join(i.nested_key): _tjson.loads(i.value_json) for i in rec.history.item})
+    assert summary["_step"] == 3
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+        assert summary[key] == pytest.approx(log[-1][key], rel=1e-12), key
+    assert [h["_step"] for h in history] == [1, 2, 3]
+    assert [h["loss"] for h in history] == pytest.approx([x["loss"] for x in log], rel=1e-12)
+
+
+def test_train_text_file_loss_falls(tmp_path):
+    """--data=FILE.txt: encoded once into out_dir/FILE.txt.bin (the UTF-8 bytes: the tokenizer is
+    byte-level), random windows, loss on every token, and the loss falls; the .bin given directly
+    trains the same batches."""
+    text = _train_text(tmp_path / "text.txt")
+    cfg = T.parse_args(_train_args(tmp_path, "o", tmp_path / "text.txt", 40, "--batch_size=8"))
+    out = T.train(cfg)
+    assert out["step"] == 40 and not out["preempted"]
+    cache = tmp_path / "o" / "text.txt.bin"
+    assert _tnp.array_equal(_tnp.fromfile(cache, dtype=_tnp.uint16), _tnp.frombuffer(text.encode(), _tnp.uint8))
+    losses = [loss for _, loss in _train_losses(tmp_path / "o")]
+    assert abs(losses[0] - math.log(264)) < 0.1, losses             # uniform at init: ln(vocab)
+    assert losses[-1] < 0.6 * losses[0], losses
+    cfg2 = T.parse_args(_train_args(tmp_path, "b", cache, 3, "--batch_size=8"))
+    assert T.train(cfg2)["loss"] == pytest.approx(losses[2], rel=1e-6)
+
+
+def test_train_needle_batches_trim_is_exact():
+    """needle batches drop the padded columns after the last target: the summed loss is unchanged."""
+    needle = pytest.importorskip("needle")
+    cfg = T.parse_args(["--seq_len=400", "--batch_size=3", "--grad_accum=2"] + _TRAIN_SMALL)
+    torch.manual_seed(0)
+    m = M.Transformer(T.model_config(cfg))
+    get = T.needle_batches(cfg)
+    idx, targets, pos = get(5, 1, 0, 2)
+    full = needle.training_batch(3, 400, 5, seed=cfg.seed, rank=2, world=4, variants=["single"], haystacks=["noise"])
+    assert idx.shape[1] < 400 and torch.equal(full[0][:, :idx.shape[1]], idx)
+    assert (full[1][:, idx.shape[1]:] == -1).all()
+    a, n = T.lm_loss(m, (idx, targets, pos))
+    b, n2 = T.lm_loss(m, full)
+    assert n == n2 > 0 and a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_train_lr_schedule_closed_form():
+    cfg = T.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
+    assert T.get_lr(0, cfg) == pytest.approx(1 / 11) and T.get_lr(9, cfg) == pytest.approx(10 / 11)
+    assert T.get_lr(10, cfg) == pytest.approx(1.0)
+    assert T.get_lr(60, cfg) == pytest.approx(0.55)                    # halfway down the cosine
+    assert T.get_lr(35, cfg) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
+    assert T.get_lr(110, cfg) == T.get_lr(500, cfg) == pytest.approx(0.1)
+
+
+def test_train_bad_config_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    """Unknown key, wrong type, unknown preset, unreadable checkpoint or data file, missing wandb: one
+    line on stderr naming the problem, exit code 2, no traceback (two cases as real processes, the rest
+    through main() in this process to save interpreter start-ups). --help lists every key."""
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "ckpt.pt").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    cli = [(["--nope=1"], "unknown config key --nope"),
+           ([f"--init_from={tmp_path / 'bad.pt'}"], "not a readable torch checkpoint")]
+    procs = [_tsub.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args, "--max_iters=1"], cwd=tmp_path,
+                         stdout=_tsub.PIPE, stderr=_tsub.PIPE, text=True) for args, _ in cli]
+    cases = [(["--max_iters=ten"], "--max_iters='ten' is not a valid int"),
+             (["--resume=maybe"], "not a valid bool"),
+             (["--preset=huge"], "--preset='huge' is not a preset"),
+             (["--model.hidden_size=big"], "not a valid int"),
+             (["--model.flux=1"], "unknown model field --model.flux"),
+             (["--model.attn=gqa"], "attn must be"),
+             (["max_iters=3"], "expected --key=value"),
+             ([f"--init_from={tmp_path / 'missing.pt'}"], "no such file"),
+             ([f"--out_dir={tmp_path / 'o'}", "--resume=True"], "not a readable torch checkpoint"),
+             ([f"--data={tmp_path / 'missing.txt'}"], "no such file"),
+             ([f"--data={tmp_path / 'latin1.txt'}", f"--out_dir={tmp_path / 'o2'}"], "not UTF-8"),
+             (["--wandb_log=True"], "wandb is not installed")]
+    monkeypatch.chdir(tmp_path)
+    for args, want in cases:
+        with monkeypatch.context() as mp:
+            if args == ["--wandb_log=True"]:
+                mp.setitem(sys.modules, "wandb", None)         # import wandb -> ImportError
+            assert T.main(args + ["--max_iters=1"]) == 2, args
+        out, err = capsys.readouterr()
+        assert len(err.strip().splitlines()) == 1 and err.startswith("train.py: error:") and want in err, (args, err)
+    for (args, want), p in zip(cli, procs):
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 2, (args, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (args, err)
+        assert err.startswith("train.py: error:") and want in err, (args, err)
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(["--help"])
+    assert e.value.code == 0
+    h = capsys.readouterr().out
+    for f in T.fields(T.TrainConfig):
+        if f.name != "model":
+            assert f"--{f.name}=" in h, f.name
+    for f in T.fields(M.ModelConfig):
+        assert f"--model.{f.name}=" in h, f.name
 
 
 # ============================================================================ dpo (issue 7)
