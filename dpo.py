@@ -95,15 +95,16 @@ def collate_pairs(pairs, tok=None, pad_to=None):
     batch = {"idx": idx, "targets": targets}
     if all("ref_chosen" in p for p in pairs):
         batch["ref"] = torch.tensor([p["ref_chosen"] for p in pairs] + [p["ref_rejected"] for p in pairs],
-                                    dtype=torch.float32)
+                                    dtype=torch.float64)   # fp64: a -300 sum keeps its 1e-5s
     return batch
 
 
 def sequence_logps(model, idx, targets):
     """Summed log p(completion | prompt) per row and the completion lengths: (B,), (B,).
-    Log-softmax in fp32 whatever the model's dtype (bf16 logits would round the sum)."""
+    Log-softmax in fp32 at least (bf16 logits would round the sum); fp64 models stay fp64."""
     logits = model(idx)                                                  # (B, T, V)
-    tok_logp = -F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1,
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    tok_logp = -F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1,
                                 reduction="none").view(targets.shape)  # (B, T), 0 where targets == -1
     return tok_logp.sum(-1), (targets != -1).sum(-1)
 

@@ -225,6 +225,118 @@ def test_model_checkpoint_roundtrip_and_clear_errors(tmp_path):
 
 
 # ============================================================================ dpo (issue 7)
+import dpo  # noqa: E402
+
+
+def _dpo_model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        max_position_embeddings=256)
+    return M.Transformer(cfg).to(dtype)
+
+
+def _dpo_pairs():
+    """Toy preference pairs in the needle format: a ChatML question, the right number, a wrong one."""
+    pairs = []
+    for i, (key, good, bad) in enumerate([("alpha", "1234", "8"), ("beta", "5678", "90210"), ("gamma", "42", "4444"),
+                                          ("delta", "7", "31337")]):
+        q = f"One of the special magic numbers for {key} is: {good}. What is the special magic number for {key}?"
+        pairs.append({"prompt": M.chat_prompt([{"role": "user", "content": q * (1 + i % 2)}]),
+                      "chosen": good, "rejected": bad})
+    return pairs
+
+
+def test_dpo_loss_closed_forms():
+    ln2 = math.log(2.0)
+    g = torch.Generator().manual_seed(0)
+    pi_c, pi_r = -20 * torch.rand(5, generator=g, dtype=torch.float64), -20 * torch.rand(5, generator=g, dtype=torch.float64)
+    # policy == reference: the margin is 0, every logistic variant sits at ln 2, IPO at (1/(2 beta))^2
+    for lt, eps in (("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2)):
+        losses, rc, rr = dpo.dpo_loss(pi_c, pi_r, pi_c.clone(), pi_r.clone(), beta=0.3, loss_type=lt, label_smoothing=eps)
+        assert torch.allclose(losses, torch.full_like(losses, ln2), atol=1e-12), (lt, eps)
+        assert rc.abs().max() == 0 and rr.abs().max() == 0
+    losses, _, _ = dpo.dpo_loss(pi_c, pi_r, pi_c.clone(), pi_r.clone(), beta=0.1, loss_type="ipo")
+    assert torch.allclose(losses, torch.full_like(losses, 25.0), atol=1e-12)
+    # DESIGN.md's check values: beta 0.1, pi_c -10, pi_r -12, ref -11 -> z = 2, beta z = 0.2
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    sig, rc, rr = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1)
+    cdpo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, label_smoothing=0.1)
+    rob, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, loss_type="robust", label_smoothing=0.1)
+    assert abs(sig.item() - 0.598139) < 5e-7 and abs(cdpo.item() - 0.618139) < 5e-7
+    assert abs(sig.item() - math.log1p(math.exp(-0.2))) < 1e-12
+    assert abs(cdpo.item() - (0.9 * math.log1p(math.exp(-0.2)) + 0.1 * math.log1p(math.exp(0.2)))) < 1e-12
+    assert abs(rob.item() - (0.9 * math.log1p(math.exp(-0.2)) - 0.1 * math.log1p(math.exp(0.2))) / 0.8) < 1e-12
+    assert abs(rc.item() - 0.1) < 1e-12 and abs(rr.item() + 0.1) < 1e-12 and not rc.requires_grad
+    # IPO, length-normalised: ((pi_c-ref_c)/n_c - (pi_r-ref_r)/n_r - 1/(2 beta))^2 = (1/4 + 1/2 - 5)^2
+    ipo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, loss_type="ipo", len_c=t(4.0), len_r=t(2.0))
+    assert abs(ipo.item() - 4.25 ** 2) < 1e-12
+    n_c, n_r = torch.tensor([3.0, 7.0], dtype=torch.float64), torch.tensor([5.0, 1.0], dtype=torch.float64)
+    a, b, c, d = (torch.tensor(v, dtype=torch.float64) for v in ([-3., -9.], [-4., -2.], [-3.5, -8.], [-5., -2.5]))
+    ipo, _, _ = dpo.dpo_loss(a, b, c, d, beta=0.5, loss_type="ipo", len_c=n_c, len_r=n_r)
+    want = [((a[i] - c[i]).item() / n_c[i].item() - (b[i] - d[i]).item() / n_r[i].item() - 1.0) ** 2 for i in range(2)]
+    assert torch.allclose(ipo, torch.tensor(want, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError):
+        dpo.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="hinge")
+    with pytest.raises(ValueError):
+        dpo.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="ipo", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("ipo", 0.0)])
+def test_dpo_loss_gradient_direction(loss_type, eps):
+    """Descending the loss raises the chosen log-prob and lowers the rejected one (at and near the reference)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ref_c, ref_r = -30 * torch.rand(4, generator=g, dtype=torch.float64), -30 * torch.rand(4, generator=g, dtype=torch.float64)
+        pi_c = (ref_c + 0.5 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_()
+        pi_r = (ref_r + 0.5 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_()
+        losses, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type=loss_type, label_smoothing=eps,
+                                    len_c=torch.full((4,), 3.0, dtype=torch.float64), len_r=torch.full((4,), 5.0, dtype=torch.float64))
+        losses.sum().backward()
+        assert (pi_c.grad < 0).all() and (pi_r.grad > 0).all(), (pi_c.grad, pi_r.grad)
+
+
+def test_dpo_sequence_logps_mask_and_float64_reference():
+    m = _dpo_model().eval()
+    tok = M.get_tokenizer()
+    pairs = _dpo_pairs()
+    batch = dpo.collate_pairs(pairs, tok)
+    idx, targets = batch["idx"], batch["targets"]
+    B = len(pairs)
+    assert idx.shape[0] == 2 * B and "ref" not in batch
+    rows = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
+    for i, (prompt, comp) in enumerate(rows):
+        P = tok.encode(prompt, allowed_special="all")
+        C = tok.encode(comp) + [M.IM_END]
+        L = len(P) + len(C)
+        assert idx[i, :L].tolist() == P + C and (idx[i, L:] == M.PAD).all()
+        # the mask covers exactly the completion's tokens: positions P-1 .. L-2 predict them
+        assert torch.nonzero(targets[i] != -1)[:, 0].tolist() == list(range(len(P) - 1, L - 1))
+        assert targets[i, len(P) - 1:L - 1].tolist() == C
+    with torch.no_grad():
+        logps, lengths = dpo.sequence_logps(m, idx, targets)
+        assert lengths.tolist() == [len(tok.encode(c)) + 1 for _, c in rows]
+        # independent float64: sum over completion tokens of log p(token | everything before it), one
+        # unpadded forward per token; prompt tokens' own log-probs are not in the sum
+        for i, (prompt, comp) in enumerate(rows):
+            seq = tok.encode(prompt, allowed_special="all") + tok.encode(comp) + [M.IM_END]
+            n_p = len(tok.encode(prompt, allowed_special="all"))
+            want = 0.0
+            for j in range(n_p, len(seq)):
+                lp = torch.log_softmax(m(torch.tensor([seq[:j]]))[0, -1].double(), -1)
+                want += lp[seq[j]].item()
+            assert abs(logps[i].item() - want) < 1e-9 * max(1.0, abs(want)), (i, logps[i].item(), want)
+        # padding after the completion changes nothing (garbage tokens there included)
+        noisy = idx.clone()
+        pad = targets.eq(-1) & idx.eq(M.PAD)
+        noisy[pad] = torch.randint(0, 256, (int(pad.sum()),), generator=torch.Generator().manual_seed(0))
+        assert pad.any()
+        assert torch.allclose(dpo.sequence_logps(m, noisy, targets)[0], logps, rtol=0, atol=1e-12)
+    # the stored reference log-probs are exactly these sums, and end up in the collated batch
+    dpo.reference_logps(m, pairs, batch_size=3, tok=tok)
+    assert [p["ref_chosen"] for p in pairs] == pytest.approx(logps[:B].tolist(), abs=1e-9)
+    assert [p["ref_rejected"] for p in pairs] == pytest.approx(logps[B:].tolist(), abs=1e-9)
+    assert torch.allclose(dpo.collate_pairs(pairs, tok)["ref"], logps, rtol=0, atol=1e-12)
 
 
 # ============================================================================ judge (issue 8)
