@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 
 @dataclass
@@ -245,7 +244,10 @@ def causal_attention(q, k, v, scale, chunk=8192):
     for s in range(0, T, chunk):
         e = min(s + chunk, T)
         n = S - T + e                                                        # keys visible to this chunk
-        mask = None if e - s == n else causal_lower_right(e - s, n)
+        mask = None
+        if e - s != n:  # a chunk after cached/earlier keys: causal aligned to the bottom right, never materialised
+            from torch.nn.attention.bias import causal_lower_right  # lazy: it imports torch._dynamo (seconds)
+            mask = causal_lower_right(e - s, n)
         out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :n], v[:, :, :n], attn_mask=mask,
                                                   is_causal=mask is None, scale=scale,
                                                   enable_gqa=k.shape[1] != H))
@@ -389,6 +391,14 @@ class Transformer(nn.Module):
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim if c.attn == "mla" else c.v_head_dim
         return 6 * self.num_params() + 6 * c.num_hidden_layers * c.num_attention_heads * (qk + c.v_head_dim) * seq_len
 
+    def _apply(self, fn, recurse=True):
+        # .to(torch.bfloat16) would round the RoPE frequencies with the weights; angles at 1M positions
+        # need fp32 (as HF and vLLM keep them), so the buffer follows the device but never the dtype
+        inv_freq = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, idx, targets=None, pos=None, cache=None):
         """idx (B, T) token ids; pos (B, T) explicit positions (PoSE may skip ahead; default 0..T-1, or
         continuing from cache.seq_lens); targets (B, T) with -1 where no loss is taken. With a cache the
@@ -516,5 +526,189 @@ def load_checkpoint(path, device="cpu"):
     return model.to(device)
 
 
-def load_hf(in_dir):
-    raise NotImplementedError("load_hf: issue 3")
+# ----------------------------------------------------------------------------- Hugging Face export/import
+# Our parameter names are transformers' DeepseekV3 names below `model.` (lm_head at top level), as in
+# DeepSeek's convert.py: the name table is a prefix, and no weight is permuted (rope_interleave: true
+# tells transformers and vLLM that q_pe/k_pe rotate interleaved pairs, as ours do).
+HF_WEIGHTS, HF_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def hf_name(name):
+    return name if name.startswith("lm_head.") else "model." + name
+
+
+def hf_config(cfg, dtype=torch.bfloat16):
+    """config.json for transformers (4.x and 5.x) and vLLM's DeepseekV3ForCausalLM."""
+    rs, max_pos = None, cfg.max_position_embeddings
+    if cfg.rope_scaling:
+        ys, m = cfg.rope_scaling, float(cfg.rope_scaling.get("mscale_all_dim", 1.0))
+        # legacy key (transformers 4.x ignores `rope_parameters`); mscale == mscale_all_dim keeps cos/sin
+        # unscaled and puts m^2 on the softmax scale, as our model does
+        rs = {"type": "yarn", "rope_type": "yarn", "factor": float(ys["factor"]),
+              "original_max_position_embeddings": int(ys["original_max_position_embeddings"]),
+              "beta_fast": float(ys.get("beta_fast", 32.0)), "beta_slow": float(ys.get("beta_slow", 1.0)),
+              "mscale": m, "mscale_all_dim": m}
+        max_pos = int(rs["factor"] * rs["original_max_position_embeddings"])  # what both loaders expect
+    H, L = cfg.num_attention_heads, cfg.num_hidden_layers
+    return {
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": L, "num_attention_heads": H,
+        "num_key_value_heads": H,                      # the default (128) breaks models with fewer heads
+        "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank, "qk_nope_head_dim": cfg.qk_nope_head_dim,
+        "qk_rope_head_dim": cfg.qk_rope_head_dim, "v_head_dim": cfg.v_head_dim,
+        "hidden_act": "silu", "attention_bias": False, "attention_dropout": 0.0,
+        # vLLM also applies rms_norm_eps to q_a/kv_a_layernorm, where transformers and we use 1e-6: keep it 1e-6
+        "rms_norm_eps": float(cfg.rms_norm_eps), "initializer_range": cfg.initializer_range,
+        "max_position_embeddings": max_pos, "rope_theta": float(cfg.rope_theta), "rope_scaling": rs,
+        "rope_interleave": True,
+        # dense: no layer reaches first_k_dense_replace, so the MoE fields (DeepSeek-V3's values) are inert,
+        # but they stay integers because vLLM does arithmetic on n_routed_experts even without MoE layers
+        "first_k_dense_replace": L, "moe_layer_freq": 1, "n_routed_experts": 256, "n_shared_experts": 1,
+        "moe_intermediate_size": 2048, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+        "routed_scaling_factor": 2.5, "norm_topk_prob": True, "num_nextn_predict_layers": 0,
+        "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."), "use_cache": True,
+        "bos_token_id": EOT, "eos_token_id": IM_END, "pad_token_id": PAD,   # defaults 0/1 are raw bytes here
+    }
+
+
+def byte_to_unicode():
+    """GPT-2's printable alias for every byte: printable Latin-1 bytes stand for themselves, the other 68
+    are moved, in byte order, to code points 256, 257, ... (what the ByteLevel pre-tokenizer emits)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def hf_tokenizer_files(model_max_length):
+    """(tokenizer.json, tokenizer_config.json) as dicts: the same function as get_tokenizer(). A BPE
+    without merges over the 256 byte aliases gives id = byte value; the Split pre-tokenizer reproduces
+    tiktoken's GPT-2 chunks (irrelevant without merges, kept so the two stay the same function)."""
+    added = [{"id": 256 + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": True} for i, s in enumerate(SPECIAL_TOKENS)]
+    tok = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
+           "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+               {"type": "Split", "pattern": {"Regex": GPT2_PATTERN}, "behavior": "Isolated", "invert": False},
+               {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+           "post_processor": None,
+           "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": {c: b for b, c in byte_to_unicode().items()}, "merges": []}}
+    # ChatML, exactly chat_prompt(messages, add_generation_prompt)
+    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+                " + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+                "{% endif %}")
+    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+               "bos_token": SPECIAL_TOKENS[EOT - 256], "eos_token": SPECIAL_TOKENS[IM_END - 256],
+               "pad_token": SPECIAL_TOKENS[PAD - 256], "model_max_length": model_max_length,
+               "chat_template": template}
+    return tok, tok_cfg
+
+
+def export_hf(model, out_dir, max_shard_bytes=15 * 2**20, dtype=torch.bfloat16):
+    """Write a Hugging Face DeepseekV3 folder: config.json, generation_config.json, safetensors weights
+    (one model.safetensors, or shards of <= max_shard_bytes plus model.safetensors.index.json; a tensor
+    larger than the limit gets a shard of its own), tokenizer.json and tokenizer_config.json."""
+    from safetensors.torch import save_file
+    cfg = model.config
+    if cfg.attn != "mla":
+        raise ValueError(f"export_hf: attn={cfg.attn!r} cannot be exported: DeepseekV3 has no MHA/GQA layout")
+    os.makedirs(out_dir, exist_ok=True)
+    for f in os.listdir(out_dir):   # stale weights from an earlier export would shadow or mix with ours
+        if f.startswith("model") and f.endswith((".safetensors", ".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, f))
+    shards, size = [{}], 0
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu", dtype).contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][hf_name(name)], size = t, size + nbytes
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, HF_WEIGHTS), metadata={"format": "pt"})
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        _write_json(os.path.join(out_dir, HF_INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    config = hf_config(cfg, dtype)
+    _write_json(os.path.join(out_dir, "config.json"), config)
+    _write_json(os.path.join(out_dir, "generation_config.json"),
+                {"bos_token_id": EOT, "eos_token_id": list(STOP_IDS), "pad_token_id": PAD})
+    tok, tok_cfg = hf_tokenizer_files(config["max_position_embeddings"])
+    _write_json(os.path.join(out_dir, "tokenizer.json"), tok)
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg)
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def load_hf(in_dir, dtype=torch.float32):
+    """The inverse of export_hf: a Transformer from a Hugging Face DeepseekV3 folder (dense MLA layers only).
+    Weights load into `dtype` (float32 by default: bf16 -> fp32 is exact). Errors are CheckpointError."""
+    from safetensors.torch import load_file
+
+    def fail(why):
+        raise CheckpointError(" ".join(f"checkpoint {in_dir}: {why}".split())[:400])   # one line
+
+    try:
+        with open(os.path.join(in_dir, "config.json"), encoding="utf-8") as f:
+            d = json.load(f)
+    except OSError:
+        fail("no config.json (not a Hugging Face folder)")
+    except ValueError as e:
+        fail(f"config.json is not valid JSON ({e})")
+    kind = d.get("model_type") if isinstance(d, dict) else type(d).__name__
+    if kind != "deepseek_v3":
+        fail(f"config.json model_type is {kind!r}, not 'deepseek_v3'")
+    if (d.get("first_k_dense_replace") or 0) < (d.get("num_hidden_layers") or 0) or d.get("num_nextn_predict_layers"):
+        fail("MoE or multi-token-prediction layers are not supported (first_k_dense_replace must equal "
+             "num_hidden_layers, num_nextn_predict_layers 0)")
+    if not d.get("rope_interleave", True):
+        fail("rope_interleave false is not supported (our RoPE rotates interleaved pairs)")
+    rp = d.get("rope_parameters") or {}   # a config re-saved by transformers 5.x keeps rope settings here
+    rs = d.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    if rs is not None:
+        rs = {k: v for k, v in rs.items() if k != "rope_theta"}
+        if rs.get("rope_type", rs.get("type")) != "yarn" or rs.get("mscale", 1.0) != rs.get("mscale_all_dim", 1.0):
+            fail(f"rope_scaling {rs} is not YaRN with mscale == mscale_all_dim")
+    try:
+        keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim",
+                "max_position_embeddings")
+        cfg = ModelConfig(**{k: d[k] for k in keys}, rope_scaling=rs,
+                          rope_theta=d.get("rope_theta", rp.get("rope_theta", 10000.0)),
+                          rms_norm_eps=d.get("rms_norm_eps", 1e-6), initializer_range=d.get("initializer_range", 0.02))
+    except (KeyError, TypeError, ValueError) as e:
+        fail(f"config.json is not a DeepseekV3 MLA config ({type(e).__name__}: {e})")
+    if os.path.exists(os.path.join(in_dir, HF_INDEX)):
+        try:
+            with open(os.path.join(in_dir, HF_INDEX), encoding="utf-8") as f:
+                files = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            fail(f"{HF_INDEX} is unreadable ({type(e).__name__}: {e})")
+    elif os.path.exists(os.path.join(in_dir, HF_WEIGHTS)):
+        files = [HF_WEIGHTS]
+    else:
+        fail(f"no {HF_WEIGHTS} or {HF_INDEX}")
+    sd = {}
+    for fname in files:
+        try:
+            sd.update(load_file(os.path.join(in_dir, fname)))
+        except Exception as e:   # missing shard, truncated file, not safetensors
+            fail(f"{fname}: unreadable ({type(e).__name__}: {str(e)[:160]})")
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        fail(f"weights do not match config.json ({str(e)[:300]})")
+    return model.to(dtype)

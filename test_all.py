@@ -173,6 +173,12 @@ def test_model_sample_top_k_top_p_support():
     assert seen == {0, 1, 2}
 
 
+def test_model_rope_frequencies_stay_fp32_under_bf16():
+    m = M.Transformer(_tiny_cfg()).to(torch.bfloat16)
+    assert m.inv_freq.dtype == torch.float32 and m.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(m.inv_freq, M.rope_frequencies(m.config, 16)[0], rtol=0, atol=0)
+
+
 def test_model_tokenizer_bytes_and_specials():
     enc = M.get_tokenizer()
     assert enc.n_vocab == M.ModelConfig().vocab_size == 264
@@ -213,12 +219,524 @@ def test_model_checkpoint_roundtrip_and_clear_errors(tmp_path):
 
 
 # ============================================================================ hf export (issue 3)
+import json as _hf_json  # noqa: E402
+import random as _hf_random  # noqa: E402
+
+
+def _hf_model(q_lora=None, yarn_on=False, bf16_exact=True, seed=0, **kw):
+    """A tiny MLA model; nope != rope != v widths so that a swapped dimension cannot pass. With bf16_exact the
+    weights are rounded to bf16 first, so the default bf16 export holds them exactly."""
+    cfg = _tiny_cfg(q_lora_rank=q_lora, qk_nope_head_dim=24, qk_rope_head_dim=16, v_head_dim=20,
+                    rope_scaling=M.yarn(8, 32) if yarn_on else None, **kw)
+    m = _model(cfg, torch.float32, seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("q_proj.weight", "q_b_proj.weight", "kv_a_proj_with_mqa.weight")):
+                p.mul_(8)   # peaked attention: positions (RoPE, YaRN) then move the logits visibly
+            if bf16_exact:
+                p.copy_(p.bfloat16().float())
+    return m
+
+
+def _hf_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("q_lora,yarn_on", [(None, False), (24, False), (None, True), (24, True)])
+def test_hf_transformers_logits_parity(tmp_path, q_lora, yarn_on):
+    """transformers' own DeepseekV3ForCausalLM, loaded from our export, gives our logits; under YaRN the
+    sequence (200) runs far past the original 32 positions, where the YaRN frequencies and m^2 matter."""
+    from transformers import AutoModelForCausalLM
+    m = _hf_model(q_lora, yarn_on)
+    M.export_hf(m, str(tmp_path))
+    hf, info = AutoModelForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager", dtype=torch.float32,
+                                                    output_loading_info=True)
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not info["error_msgs"], info
+    assert hf.generation_config.eos_token_id == [M.IM_END, M.EOT] and hf.config.bos_token_id == M.EOT
+    idx = torch.randint(0, m.config.vocab_size, (2, 200), generator=torch.Generator().manual_seed(3))
+    idx[:, :8] = torch.tensor([M.EOT, M.IM_START, M.IM_END, M.PAD, 0, 1, 255, 263])  # pad_token_id's row too
+    with torch.no_grad():
+        ours, theirs = m(idx), hf(idx).logits
+    tol = 1e-4 * max(1.0, ours.abs().max().item())
+    assert (ours - theirs).abs().max().item() <= tol
+    if yarn_on:  # the same weights without YaRN are far off: the comparison above really exercised YaRN
+        plain = M.Transformer(M.ModelConfig(**{**M.asdict(m.config), "rope_scaling": None})).eval()
+        plain.load_state_dict(m.state_dict())
+        with torch.no_grad():
+            assert (plain(idx) - theirs).abs().max().item() > 100 * tol, (plain(idx) - theirs).abs().max().item() / tol
+
+
+def test_hf_roundtrip_bit_exact_shards_and_generations(tmp_path):
+    # float32 export: load_hf reproduces every weight bit for bit, and the config
+    m = _hf_model(24, True, bf16_exact=False, max_position_embeddings=256)     # 256 = 8 x 32, as exported
+    M.export_hf(m, str(tmp_path / "f32"), dtype=torch.float32)
+    back = M.load_hf(str(tmp_path / "f32"))
+    assert _hf_same_weights(m, back) and back.config == m.config
+    # default bf16 export: exactly the bf16-rounded weights, loaded as float32
+    M.export_hf(m, str(tmp_path / "bf16"))
+    rounded = M.Transformer(m.config)
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in m.state_dict().items()})
+    assert _hf_same_weights(rounded, M.load_hf(str(tmp_path / "bf16")))
+    assert not _hf_same_weights(m, rounded)                                    # the rounding was real
+    # sharded: every file within the limit (or one tensor alone), an index naming every tensor once
+    d, limit = tmp_path / "sharded", 16 * 1024
+    M.export_hf(m, str(d), max_shard_bytes=limit)
+    from safetensors import safe_open
+    index = _hf_json.loads((d / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and not (d / "model.safetensors").exists()
+    assert sorted(index["weight_map"]) == sorted(M.hf_name(k) for k in m.state_dict())
+    total = 0
+    for f in files:
+        with safe_open(str(d / f), "pt") as sf:
+            sizes = [sf.get_tensor(k).numel() * 2 for k in sf.keys()]
+            assert set(sf.keys()) == {k for k, v in index["weight_map"].items() if v == f}
+        assert sum(sizes) <= limit or len(sizes) == 1
+        total += sum(sizes)
+    assert index["metadata"]["total_size"] == total
+    assert _hf_same_weights(rounded, M.load_hf(str(d)))
+    M.export_hf(m, str(d))                          # re-export into the same folder: one file, no stale shards
+    assert sorted(p.name for p in d.glob("model*")) == ["model.safetensors"]
+    # a ckpt.pt and its export generate the same tokens (greedy), both through load_checkpoint
+    mb = _hf_model(None, True, seed=1)
+    M.save_checkpoint(str(tmp_path / "ckpt.pt"), mb)
+    M.export_hf(M.load_checkpoint(str(tmp_path / "ckpt.pt")), str(tmp_path / "export"))
+    a, b = M.load_checkpoint(str(tmp_path / "ckpt.pt")), M.load_checkpoint(str(tmp_path / "export"))
+    assert _hf_same_weights(a, b)
+    idx = torch.randint(0, 256, (2, 50), generator=torch.Generator().manual_seed(0))
+    ga, gb = a.generate(idx, 30, stop_ids=()), b.generate(idx, 30, stop_ids=())
+    assert ga == gb and len(ga[0]) == 30
+    # the shipped `small` preset fits one file of <= 15 MiB
+    M.export_hf(M.Transformer(M.PRESETS["small"]), str(tmp_path / "small"))
+    assert sorted(p.name for p in (tmp_path / "small").glob("model*")) == ["model.safetensors"]
+    assert (tmp_path / "small" / "model.safetensors").stat().st_size <= 15 * 2**20
+
+
+def test_hf_tokenizer_ids_decode_and_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+    M.export_hf(_hf_model(), str(tmp_path))
+    tok, enc = AutoTokenizer.from_pretrained(str(tmp_path)), M.get_tokenizer()
+    assert len(tok) == enc.n_vocab == 264
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (M.EOT, M.IM_END, M.PAD)
+    table = ["", "hello world", "héllo  wörld", "naïve café Ångström", "🙂👍🏽👨‍👩‍👧", "中文字符 日本語 한국어",
+             "tab\there\t\tend", "line\nbreak\r\n\n\nend\n", "runs     of      spaces   ", "   leading", "x  \n  y",
+             "it's we'll I'M they've", "<|endoftext|>", "a<|im_end|>b<|im_start|>c", "text <|endoftext|> more",
+             "<|pad|><|reserved_3|>", "<|not_special|>", "123 4567 8.9e-3", "\u00a0nbsp\u2003em\u200bzw",
+             "\x00\x01\x7f control", "ﬁ ligature Ⅻ ½ ①", "a\u0301 combining", "🙂" * 5 + "<|im_end|>"]
+    rng = _hf_random.Random(0)
+    pool = "aZ9 \t\n'é中🙂\u00a0\u0301.,!" + "".join(M.SPECIAL_TOKENS[:3])
+    table += ["".join(rng.choice(pool) for _ in range(rng.randint(1, 40))) for _ in range(100)]
+    for s in table:   # ids, not only round trips: a wrong byte order would still round-trip
+        want = enc.encode(s, allowed_special="all")
+        assert tok.encode(s, add_special_tokens=False) == want, s
+        assert tok(s)["input_ids"] == want, s                     # nothing added around (no BOS)
+        assert tok.decode(want) == s
+    for _ in range(300):  # random ids, many of them invalid UTF-8 (lone continuation bytes, cut sequences)
+        ids = [rng.choice([rng.randrange(264), rng.randrange(0x80, 0x100), rng.randrange(0x20, 0x7f)])
+               for _ in range(rng.randint(1, 24))]
+        assert tok.decode(ids) == enc.decode(ids, errors="replace"), ids
+    chats = [[{"role": "user", "content": "hi"}],
+             [{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": "héllo 🙂\nline 2"},
+              {"role": "assistant", "content": "ok\n\n"}, {"role": "user", "content": "  spaces  "}]]
+    for msgs in chats:
+        for gen in (True, False):
+            assert tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen) == M.chat_prompt(msgs, gen)
+
+
+# The config keys vLLM's DeepSeek-V3 code reads for a dense MLA model (read statically; vLLM does not run
+# here), from vllm/model_executor/models/deepseek_v2.py (DeepseekV2DecoderLayer, DeepseekV2MLAAttention,
+# DeepseekV2Model(.load_weights), DeepseekV2ForCausalLM, get_spec_layer_idx_from_weight_name) and
+# vllm/transformers_utils/model_arch_config_convertor.py (is_deepseek_mla, get_head_size,
+# get_total_num_kv_heads, derive_max_model_len_and_key); rope_theta/rope_scaling become its rope_parameters.
+_VLLM_KEYS = {
+    "architectures": list, "model_type": str, "vocab_size": int, "hidden_size": int, "num_hidden_layers": int,
+    "num_attention_heads": int, "num_key_value_heads": int, "intermediate_size": int, "hidden_act": str,
+    "rms_norm_eps": float, "max_position_embeddings": int, "q_lora_rank": (int, type(None)), "kv_lora_rank": int,
+    "qk_nope_head_dim": int, "qk_rope_head_dim": int, "v_head_dim": int,
+    "n_routed_experts": int, "first_k_dense_replace": int, "moe_layer_freq": int, "routed_scaling_factor": float,
+    "n_group": int, "num_nextn_predict_layers": int, "rope_theta": float, "rope_scaling": (dict, type(None)),
+    # read only by MoE layers (none here), kept as DeepSeek-V3 integers
+    "n_shared_experts": int, "moe_intermediate_size": int, "num_experts_per_tok": int, "topk_group": int,
+    "norm_topk_prob": bool,
+}
+_VLLM_YARN_KEYS = {"rope_type": str, "factor": float, "original_max_position_embeddings": int, "beta_fast": float,
+                   "beta_slow": float, "mscale": float, "mscale_all_dim": float}
+_VLLM_MUST_BE_ABSENT = ["index_topk", "compress_ratios", "llama_4_scaling"]   # V3.2 indexer, V4, Llama-4 scaling
+
+
+@pytest.mark.parametrize("q_lora,yarn_on", [(None, False), (24, True)])
+def test_hf_config_has_every_key_vllm_reads(tmp_path, q_lora, yarn_on):
+    m = _hf_model(q_lora, yarn_on)
+    M.export_hf(m, str(tmp_path))
+    c = _hf_json.loads((tmp_path / "config.json").read_text())
+    for key, typ in _VLLM_KEYS.items():
+        assert key in c and isinstance(c[key], typ) and not (typ is int and isinstance(c[key], bool)), key
+    assert not any(k in c for k in _VLLM_MUST_BE_ABSENT) and "rope_parameters" not in c
+    cfg = m.config
+    assert c["architectures"] == ["DeepseekV3ForCausalLM"] and c["model_type"] == "deepseek_v3"
+    assert c["hidden_act"] == "silu" and c["rope_interleave"] is True and c["tie_word_embeddings"] is False
+    assert c["attention_bias"] is False and c["torch_dtype"] == "bfloat16"
+    assert c["num_key_value_heads"] == c["num_attention_heads"] == cfg.num_attention_heads
+    assert c["first_k_dense_replace"] == c["num_hidden_layers"] and c["num_nextn_predict_layers"] == 0
+    assert c["q_lora_rank"] == q_lora and c["kv_lora_rank"] + c["qk_rope_head_dim"] == M.cache_width(cfg)
+    assert (c["bos_token_id"], c["eos_token_id"], c["pad_token_id"]) == (M.EOT, M.IM_END, M.PAD)
+    tcfg = _hf_json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tcfg["tokenizer_class"] == "PreTrainedTokenizerFast" and tcfg["clean_up_tokenization_spaces"] is False
+    assert tcfg["model_max_length"] == c["max_position_embeddings"] and "chat_template" in tcfg
+    gen = _hf_json.loads((tmp_path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [M.IM_END, M.EOT]
+    if not yarn_on:
+        assert c["rope_scaling"] is None and c["max_position_embeddings"] == cfg.max_position_embeddings
+        return
+    rs = c["rope_scaling"]
+    for key, typ in _VLLM_YARN_KEYS.items():
+        assert isinstance(rs[key], typ), key
+    assert rs["type"] == rs["rope_type"] == "yarn" and rs["mscale"] == rs["mscale_all_dim"]
+    assert c["max_position_embeddings"] == rs["factor"] * rs["original_max_position_embeddings"] == 256
+
+
+def test_hf_errors_are_one_line_and_name_the_folder(tmp_path):
+    with pytest.raises(ValueError, match="MHA"):
+        M.export_hf(M.Transformer(_tiny_cfg(attn="mha")), str(tmp_path / "mha"))
+    good = tmp_path / "good"
+    M.export_hf(_hf_model(), str(good), max_shard_bytes=16 * 1024)
+    cases = {}
+
+    def case(name, why, edit):
+        d = tmp_path / name
+        d.mkdir()
+        for f in good.iterdir():
+            (d / f.name).write_bytes(f.read_bytes())
+        edit(d)
+        cases[name] = why
+
+    def set_config(**kw):
+        return lambda d: (d / "config.json").write_text(
+            _hf_json.dumps({**_hf_json.loads((good / "config.json").read_text()), **kw}))
+
+    case("foreign", "not 'deepseek_v3'", set_config(model_type="llama"))
+    case("moe", "MoE", set_config(first_k_dense_replace=1))
+    case("mismatch", "do not match", set_config(hidden_size=32))
+    case("badjson", "not valid JSON", lambda d: (d / "config.json").write_text("{oops"))
+    case("noweights", "no model.safetensors", lambda d: [p.unlink() for p in d.glob("model*")])
+    case("lostshard", "unreadable", lambda d: next(d.glob("model-00002-*")).unlink())
+    case("truncated", "unreadable", lambda d: next(d.glob("model-00001-*")).write_bytes(b"\x10\x00"))
+    for name, why in cases.items():
+        for load in (M.load_hf, M.load_checkpoint):   # load_checkpoint routes a folder with config.json here
+            with pytest.raises(M.CheckpointError) as e:
+                load(str(tmp_path / name))
+            msg = str(e.value)
+            assert str(tmp_path / name) in msg and why in msg and "\n" not in msg, msg
+    with pytest.raises(M.CheckpointError, match="no config.json"):
+        M.load_hf(str(tmp_path / "missing"))
 
 
 # ============================================================================ mla kernel (issue 4)
 
 
 # ============================================================================ needle (issue 5)
+import dataclasses as _dataclasses  # noqa: E402
+import json as _json  # noqa: E402
+import re as _re  # noqa: E402
+import subprocess as _subprocess  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import judge  # noqa: E402
+import needle  # noqa: E402
+
+_NEEDLE_RE = _re.compile(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: (\d{7})\.")
+
+
+@pytest.fixture
+def _one_thread():
+    # tiny models on a shared 2-core box: a second OpenMP thread only spins against other processes
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _context(prompt):
+    """The haystack with the needles: between the instruction line and the question line."""
+    body = prompt.removeprefix("<|im_start|>user\n").removesuffix("<|im_end|>\n<|im_start|>assistant\n")
+    first, rest = body.split("\n", 1)
+    context, question = rest.rsplit("\n", 1)
+    assert first.endswith("afterwards.") and question.startswith("What ")
+    return context
+
+
+def _check_sample(s, L, depth, variant):
+    tok = M.get_tokenizer()
+    ids = tok.encode(s["prompt"], allowed_special="all")
+    assert len(ids) == L and s["length"] == L                       # exact, by the real tokenizer
+    assert (needle.encode(s["prompt"]) == ids).all() and needle.n_tokens_of(s["prompt"]) == L
+    assert s["prompt"].startswith("<|im_start|>user\n") and s["prompt"].endswith("<|im_start|>assistant\n")
+    n_keys, n_vals, n_query = needle.SHAPES[variant]
+    ctx = _context(s["prompt"])
+    found = _NEEDLE_RE.findall(ctx)
+    assert len(_re.findall(r"\d+", ctx)) == len(found)               # numbers occur only inside needles
+    asked = [(k, v) for k, v in found if k in s["keys"]]
+    others = [(k, v) for k, v in found if k not in s["keys"]]
+    assert len(s["keys"]) == n_query and len(s["values"]) == n_query * n_vals == len(asked)
+    assert sorted(v for _, v in asked) == sorted(s["values"])        # every value once, under its own key
+    if variant == "multiquery":
+        assert dict(asked) == dict(zip(s["keys"], s["values"]))
+    assert all(k not in s["keys"] and v not in s["values"] for k, v in others)   # distractors differ
+    if s["haystack"] != "needle":
+        assert len(others) == n_keys - n_query                        # multikey's three distractor keys
+    assert needle.score(s["answer"], s["values"]) == 1.0 and s["question"] in s["prompt"]
+    # the asked needles form one block at depth% of the haystack (within one sentence)
+    sents = [m.start() for m in _NEEDLE_RE.finditer(ctx) if m.group(1) in s["keys"]]
+    block = " ".join(m.group(0) for m in _NEEDLE_RE.finditer(ctx) if m.group(1) in s["keys"])
+    start = ctx.index(block)
+    assert start == sents[0]
+    hay = ctx[:start] + ctx[start + len(block):]
+    longest = max(len(x) for x in _re.split(r"(?<=\.) ", hay)) + 1 if hay.strip() else 0
+    assert abs(start - depth / 100 * len(hay)) <= longest + 1, (start, depth, len(hay))
+    if depth == 0:
+        assert start == 0
+    if depth == 100:
+        assert ctx.endswith(block)
+
+
+@pytest.mark.parametrize("variant", needle.VARIANTS)
+def test_needle_exact_length_depth_and_contents(variant):
+    lengths = sorted({needle.min_tokens(variant), 1000, 4096} | ({300} if variant == "single" else set()))
+    for haystack in needle.HAYSTACKS:
+        for L in lengths:
+            for i, depth in enumerate((0, 33, 50, 71.5, 100)):
+                s = needle.make_sample(L, depth, variant, haystack, seed=i)
+                assert (s["variant"], s["haystack"], s["depth"], s["seed"]) == (variant, haystack, depth, i)
+                _check_sample(s, L, depth, variant)
+
+
+def test_needle_long_prompts_and_seeds():
+    for haystack in needle.HAYSTACKS:
+        s = needle.make_sample(131072, 25, "multivalue", haystack, seed=7)
+        _check_sample(s, 131072, 25, "multivalue")
+    s = needle.make_sample(1 << 20, 90, "single", "essay", seed=1)     # 1M: 1 MB of prompt
+    assert len(M.get_tokenizer().encode(s["prompt"], allowed_special="all")) == 1 << 20
+    a, b = needle.make_sample(2000, 40, "multikey", "needle", 5), needle.make_sample(2000, 40, "multikey", "needle", 5)
+    assert a == b                                                       # same seed -> same sample
+    c = needle.make_sample(2000, 40, "multikey", "needle", 6)
+    assert set(c["values"]).isdisjoint(a["values"]) and c["keys"] != a["keys"] and c["prompt"] != a["prompt"]
+    d = needle.make_sample(3000, 80, "multikey", "needle", 5)           # same seed, other cell: same needle
+    assert (d["keys"], d["values"], d["answer"]) == (a["keys"], a["values"], a["answer"])
+    assert needle.min_tokens("single") <= 300
+    for bad in [dict(n_tokens=450, depth=50, variant="multiquery"), dict(n_tokens=250, depth=50),
+                dict(n_tokens=1000, depth=101), dict(n_tokens=1000, depth=-1), dict(n_tokens=1000, depth=0, variant="x"),
+                dict(n_tokens=1000, depth=0, haystack="x")]:
+        with pytest.raises(ValueError):
+            needle.make_sample(**bad)
+
+
+def test_needle_score_table():
+    cases = [("The special magic number for x is 1234567.", ["1234567"], 1.0),
+             ("", ["1234567"], 0.0),
+             ("no numbers here at all", ["1234567"], 0.0),
+             ("123456", ["1234567"], 0.0),                                   # a prefix is not the value
+             ("the values are 1111111 and 3333333.", ["1111111", "2222222", "3333333", "4444444"], 0.5),
+             ("4444444, 3333333, 2222222, 1111111", ["1111111", "2222222", "3333333", "4444444"], 1.0),
+             ("APPLE-pie", ["apple-PIE"], 1.0),                              # case-insensitive
+             ("1111111 1111111 1111111", ["1111111", "2222222", "3333333"], 1 / 3)]
+    for pred, values, want in cases:
+        assert needle.score(pred, values) == pytest.approx(want), (pred, values)
+
+
+def test_needle_training_batch():
+    tok = M.get_tokenizer()
+    B, T = 12, 1024
+    idx, tgt, pos = needle.training_batch(B, T, step=3, seed=1)
+    assert idx.shape == tgt.shape == pos.shape == (B, T) and idx.dtype == tgt.dtype == pos.dtype == torch.long
+    assert torch.equal(pos, torch.arange(T).expand(B, T))             # no max_pos: plain positions
+    lens, shapes = [], set()
+    for b in range(B):
+        m = tgt[b] != -1
+        first, last = int(m.nonzero()[0]), int(m.nonzero()[-1])
+        assert m[first:last + 1].all()                                  # one contiguous span
+        n = first + 1                                                   # prompt length
+        prompt = tok.decode(idx[b, :n].tolist())
+        assert prompt.endswith("<|im_start|>assistant\n") and len(tok.encode(prompt, allowed_special="all")) == n
+        assert torch.equal(tgt[b, first:last + 1], idx[b, first + 1:last + 2])   # next tokens
+        assert (idx[b, last + 2:] == M.PAD).all()
+        target = tok.decode(tgt[b, m].tolist())
+        assert target.endswith("<|im_end|>") and int(tgt[b, last]) == M.IM_END
+        # the answer, rebuilt from the prompt alone: the asked keys' values in the question's order
+        q = _re.search(r"special magic numbers? for (.+) mentioned in the provided text\?<\|im_end\|>", prompt).group(1)
+        keys = _re.split(r", and |, ", q)
+        pairs = _NEEDLE_RE.findall(_context(prompt))
+        vals = [v for k in keys for kk, v in pairs if kk == k]
+        if len(keys) == 1 and len(vals) > 1:
+            shapes.add("multivalue")
+        noun, verb = ("number", "is") if len(vals) == 1 else ("numbers", "are")
+        assert target == f"The special magic {noun} for {q} mentioned in the provided text {verb} {', '.join(vals)}.<|im_end|>"
+        lens.append(last + 2)
+    assert len(set(lens)) > B // 2 and max(lens) <= T                   # mixed lengths
+    # deterministic in (seed, step, rank, world); one global stream whatever the world size
+    again = needle.training_batch(B, T, step=3, seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(again, (idx, tgt, pos)))
+    assert not torch.equal(needle.training_batch(B, T, step=4, seed=1)[0], idx)
+    assert not torch.equal(needle.training_batch(B, T, step=3, seed=2)[0], idx)
+    r1 = needle.training_batch(4, T, step=3, rank=1, world=2)
+    assert all(torch.equal(x, y) for x, y in zip(r1, needle.training_batch(4, T, step=7)))   # (3*2+1)*4 = 7*4
+    assert not torch.equal(r1[0], needle.training_batch(4, T, step=3, rank=0, world=2)[0])
+    # PoSE: strictly increasing, within [0, max_pos), reaching past the window; answer positions contiguous
+    max_pos = 1 << 16
+    idx2, tgt2, pos2 = needle.training_batch(B, T, step=3, seed=1, max_pos=max_pos)
+    assert torch.equal(idx2, idx) and torch.equal(tgt2, tgt)
+    assert (pos2.diff(dim=1) > 0).all() and (pos2[:, 0] == 0).all() and int(pos2.max()) < max_pos
+    assert (pos2[:, -1] >= T).sum() >= B - 1 and (pos2.diff(dim=1) > 1).any(dim=1).sum() >= B - 1
+    for b in range(B):   # jumps only inside the haystack: instruction, question and answer stay contiguous
+        nl = (idx2[b] == ord("\n")).nonzero()[:, 0].tolist()
+        assert len(nl) == 5                         # user\n, after the instruction, before the question, 2 in the template
+        end = int((tgt2[b] != -1).nonzero()[-1]) + 2
+        assert (pos2[b, :nl[1] + 1].diff() == 1).all() and (pos2[b, nl[2]:end].diff() == 1).all()
+    # configurable mix; windows too short for a variant leave it out, too short for all -> error
+    _, t3, _ = needle.training_batch(6, 1024, 0, variants=("multivalue",), haystacks=("essay",))
+    for b in range(6):
+        assert len(_re.findall(r"\d{7}", tok.decode(t3[b][t3[b] != -1].tolist()))) == 4
+    i4, t4, _ = needle.training_batch(8, 420, 0)                       # only single fits in 420 tokens
+    assert all(len(_re.findall(r"\d{7}", tok.decode(t4[b][t4[b] != -1].tolist()))) == 1 for b in range(8))
+    with pytest.raises(ValueError):
+        needle.training_batch(2, 200, 0)
+
+
+def _tiny_needle_model(attn="mla", dtype=torch.float32):
+    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, kv_lora_rank=16,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, attn=attn)
+    torch.manual_seed(0)
+    return M.Transformer(cfg).to(dtype).eval()
+
+
+def test_needle_evaluate_matches_uncached_greedy(_one_thread):
+    tok = M.get_tokenizer()
+    for attn in ("mla", "mha"):
+        m = _tiny_needle_model(attn, torch.float64)
+        rows = needle.evaluate(m, [300, 320], [0, 100], samples=2, variant="single", haystack="essay", seed=4,
+                               max_new_tokens=6, log=False)
+        assert [(r["length"], r["depth"], r["seed"]) for r in rows] == [(L, d, 4 + i) for L in (300, 320) for d in (0, 100)
+                                                                        for i in range(2)]
+        one = needle.evaluate(m, [300, 320], [0, 100], samples=2, variant="single", haystack="essay", seed=4,
+                              max_new_tokens=6, batch_tokens=1, log=False)             # batch of one: same answers
+        assert [r["prediction"] for r in one] == [r["prediction"] for r in rows]
+        for r in rows[:2] + rows[-1:]:
+            s = needle.make_sample(r["length"], r["depth"], "single", "essay", r["seed"])
+            assert "prompt" not in r and r["values"] == s["values"] and r["question"] == s["question"]
+            ids = torch.tensor([tok.encode(s["prompt"], allowed_special="all")])
+            out = []
+            for _ in range(6):   # reference: greedy by full forward passes, no cache
+                t = int(m(ids)[0, -1].argmax())
+                if t in M.STOP_IDS:
+                    break
+                out.append(t)
+                ids = torch.cat([ids, torch.tensor([[t]])], dim=1)
+            assert r["prediction"] == tok.decode(out)
+            assert r["score"] == needle.score(r["prediction"], r["values"])
+        sm = needle.summarize(rows)
+        assert sm["accuracy"] == pytest.approx(sum(r["score"] for r in rows) / len(rows)) and sm["n"] == 8
+
+
+def _kamradt_rgb(x):
+    stops = [(0xF0, 0x49, 0x6E), (0xEB, 0xB8, 0x39), (0x0C, 0xD7, 0x9F)]     # red, yellow, green at 0, 0.5, 1
+    i = min(int(x * 2), 1)
+    f = x * 2 - i
+    return [(a + (b - a) * f) / 255 for a, b in zip(stops[i], stops[i + 1])]
+
+
+def test_needle_cli_json_and_heatmap(tmp_path, _one_thread):
+    import matplotlib.image as mpimg
+    M.save_checkpoint(str(tmp_path / "tiny" / "ckpt.pt"), _tiny_needle_model())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "needle.py"), "--ckpt=tiny/ckpt.pt", "--lengths=300,320", "--depths=0,50,100",
+           "--samples=2", "--haystack=essay", "--max_new_tokens=12", "--out=results/n.json"]
+    p = _subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert len([line for line in p.stderr.splitlines() if line.startswith("needle: cell ")]) == 6   # a line per cell
+    data = _json.load(open(tmp_path / "results" / "n.json"))
+    prov = data["provenance"]
+    assert prov["card"] == "CPU" and prov["torch"] == torch.__version__ and prov["date"] and prov["git_commit"]
+    assert "triton" in prov and "--lengths=300,320" in prov["command"]
+    assert data["config"]["lengths"] == [300, 320] and data["config"]["depths"] == [0, 50, 100]
+    assert len(data["samples"]) == 12
+    for r in data["samples"]:
+        assert {"length", "depth", "variant", "haystack", "seed", "question", "prediction", "values", "score"} <= set(r)
+        assert "prompt" not in r and r["haystack"] == "essay"
+        assert r["score"] == judge.string_match_all(r["prediction"], r["values"])
+    assert data["summary"]["accuracy"] == pytest.approx(sum(r["score"] for r in data["samples"]) / 12)
+    img = mpimg.imread(tmp_path / "results" / "n.png")
+    assert img.ndim == 3 and img.shape[0] >= 300 and img.shape[1] >= 400
+    assert len(np.unique(img.reshape(-1, img.shape[2]), axis=0)) > 50          # not blank
+    for x in {v for row in data["summary"]["grid"] for v in row}:              # each cell's colour is drawn
+        assert (np.abs(img[..., :3] - _kamradt_rgb(x)).max(axis=-1) < 3 / 255).sum() > 100, x
+    # the same checkpoint for DPO pairs, through main() in-process
+    os.chdir(tmp_path)
+    try:
+        assert needle.main(["--pairs", "--ckpt=tiny", "--lengths=500", "--depths=50", "--samples=2",
+                            "--variant=multikey", "--max_new_tokens=4", "--out=results/p.jsonl"]) == 0
+    finally:
+        os.chdir(ROOT)
+    pairs = [_json.loads(line) for line in open(tmp_path / "results" / "p.jsonl")]
+    meta = _json.load(open(tmp_path / "results" / "p.meta.json"))
+    assert len(pairs) == 2 and meta["pairs"] == 2 and meta["provenance"]["command"]
+    for q in pairs:
+        s = needle.make_sample(q["length"], q["depth"], q["variant"], q["haystack"], q["seed"])
+        assert q["seed"] >= 1_000_000 and q["prompt"] == s["prompt"] and q["chosen"] == s["answer"]
+        assert q["rejected"] == q["prediction"] and q["rejected_source"] == "model"   # a random model is wrong
+
+
+def test_needle_rejected_when_model_is_right():
+    for variant, haystack in (("multikey", "noise"), ("single", "needle"), ("multivalue", "noise")):
+        s = needle.make_sample(2000, 50, variant, haystack, seed=3)
+        w = needle._wrong_answer(s)
+        assert needle.score(w, s["values"]) == 0.0 and w != s["answer"]
+        assert w.split(" text ")[0] == s["answer"].split(" text ")[0]          # same wording, other numbers
+        new = _re.findall(r"\d{7}", w)
+        if s["distractor_values"]:                                              # a distractor's value from the prompt
+            assert all(v in s["prompt"] for v in new)
+            assert all(v in s["distractor_values"] for v in new[:len(s["distractor_values"])])
+        else:                                                                   # else one digit away
+            for a, b in zip(new, s["values"]):
+                assert sum(x != y for x, y in zip(a, b)) == 1 and a[0] != "0"
+
+
+def test_needle_cli_errors(tmp_path, capsys):
+    M.save_checkpoint(str(tmp_path / "m.pt"), _tiny_needle_model())
+    ck = f"--ckpt={tmp_path / 'm.pt'}"
+    bad = {"--lengths=-300": "--lengths", "--lengths=4x": "--lengths", "--depths=0,150": "--depths",
+           "--depths=a": "--depths", "--variant=triple": "--variant", "--haystack=sand": "--haystack",
+           "--samples=0": "--samples", "--lengths=100": "too short", "--bogus=1": "--bogus", "samples=3": "--key=value"}
+    for arg, word in bad.items():
+        with pytest.raises(SystemExit) as e:
+            needle.main([ck, arg])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and word in err, (arg, err)
+    os.chdir(tmp_path)   # no --ckpt and no default checkpoint here
+    try:
+        with pytest.raises(SystemExit) as e:
+            needle.main([])
+    finally:
+        os.chdir(ROOT)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "python train.py" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        needle.main([f"--ckpt={tmp_path / 'junk.pt'}", "--lengths=300"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and "junk.pt" in err
+    # a real process: one line, no traceback, exit 2
+    p = _subprocess.run([sys.executable, os.path.join(ROOT, "needle.py"), "--ckpt=missing.pt", "--lengths=300"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.strip() == "needle.py: error: checkpoint missing.pt: no such file", p.stderr
+    with pytest.raises(SystemExit) as e:
+        needle.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert all(f"--{f.name}=" in out for f in _dataclasses.fields(needle.NeedleConfig))
+
 
 
 # ============================================================================ train (issue 6)
