@@ -305,7 +305,7 @@ def prepare_pairs(cfg, rank, world, device):
     if resuming:
         T.say(rank, f"dpo: resuming with the pairs and reference log-probs of {path}")
         return T._rank0(lambda: _load_pairs_or_config_error(path), rank, share=True)
-    sft = T._rank0(lambda: M.load_checkpoint(cfg.ckpt, "cpu"), rank) if rank == 0 else None
+    sft = T._rank0(lambda: M.load_checkpoint(cfg.ckpt, "cpu"), rank)   # None on the other ranks (for now)
     if cfg.pairs:
         pairs = T._rank0(lambda: _load_pairs_or_config_error(cfg.pairs), rank, share=True)
     else:

@@ -949,6 +949,29 @@ def test_dpo_cli_resume_exact(tmp_path, monkeypatch):
         assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-6, abs=1e-9)
 
 
+def test_dpo_torchrun_fsdp_matches_one_process(tmp_path):
+    """torchrun, 2 ranks (FSDP2, gloo): each rank scores half the pairs for the reference and the gather puts
+    them back in order (step 1's margins are 0 only if it does); the steps equal one process with
+    grad_accum=2 (the same global batch)."""
+    assert _dpo_cli(tmp_path, f"--out_dir={tmp_path / 'one'}", "--max_iters=3", "--batch_size=1", "--grad_accum=2") == 0
+    args = [f"--ckpt={tmp_path / 'sft.pt'}", f"--pairs={tmp_path / 'pairs.jsonl'}", f"--out_dir={tmp_path / 'two'}",
+            "--max_iters=3", "--batch_size=1", "--lr=1e-3", "--warmup_iters=0", "--min_lr=1e-3", "--ref_batch_size=1",
+            "--eval_samples=0", "--threads=1", "--compile=False"]
+    p = _dpo_subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "dpo.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = [_dpo_json.loads(ln) for ln in open(tmp_path / "one" / "log.jsonl")]
+    two = [_dpo_json.loads(ln) for ln in open(tmp_path / "two" / "log.jsonl")]
+    assert len(one) == len(two) == 3 and abs(two[0]["rewards/margins"]) < 1e-5
+    for x, y in zip(one, two):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    ref = lambda d: [(q["ref_chosen"], q["ref_rejected"]) for q in map(_dpo_json.loads, open(tmp_path / d / "pairs.jsonl"))]  # noqa: E731
+    r1, r2 = ref("one"), ref("two")
+    assert len(r1) == len(r2) == 4 and all(abs(a - b) < 1e-6 for x, y in zip(r1, r2) for a, b in zip(x, y))
+
+
 def test_dpo_cli_errors(tmp_path, monkeypatch, capsys):
     """One line on stderr, exit 2: no SFT checkpoint (the no-argument run says to train first), bad flags, bad pairs."""
     p = _dpo_subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py")], cwd=tmp_path, capture_output=True,
