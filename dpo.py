@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import model as M
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -64,12 +65,9 @@ def dpo_metrics(losses, chosen_rewards, rejected_rewards, pi_c, pi_r):
     """TRL's metrics as SUMS over the pairs (train.py divides every sum by the global pair count, so the log
     shows means however pairs are split over ranks). Accuracy counts a pair only when the chosen reward
     is strictly higher: a tie (policy == reference) is a miss."""
-    return {"rewards/chosen": chosen_rewards.sum(),
-            "rewards/rejected": rejected_rewards.sum(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).sum(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
-            "logps/chosen": pi_c.detach().sum(),
-            "logps/rejected": pi_r.detach().sum()}
+    values = (chosen_rewards, rejected_rewards, (chosen_rewards > rejected_rewards).double(),
+              chosen_rewards - rejected_rewards, pi_c.detach(), pi_r.detach())
+    return {k: v.sum() for k, v in zip(METRICS, values)}
 
 
 # ----------------------------------------------------------------------------- pairs -> token rows
@@ -226,11 +224,6 @@ class DPOConfig(T.TrainConfig):
 NOT_FOR_DPO = ("init_from", "preset", "data", "seq_len", "max_pos", "model")
 
 
-def die(msg):
-    print(f"dpo.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
 def print_help():
     doc, cfg = T._help_lines(DPOConfig), DPOConfig()
     own = [f.name for f in fields(DPOConfig) if f.name not in {g.name for g in fields(T.TrainConfig)}]
@@ -265,6 +258,10 @@ def parse_args(argv):
         if cfg.ckpt == DPOConfig.ckpt:
             raise T.ConfigError(f"no SFT checkpoint {cfg.ckpt}: run `python train.py` first (or pass --ckpt=PATH)")
         raise T.ConfigError(f"--ckpt={cfg.ckpt}: no such file")
+    if os.path.isdir(cfg.ckpt):        # train.py's init_from reads a ckpt.pt (not a Hugging Face folder)
+        if not os.path.isfile(os.path.join(cfg.ckpt, "ckpt.pt")):
+            raise T.ConfigError(f"--ckpt={cfg.ckpt}: a folder without ckpt.pt (DPO starts from a train.py/dpo.py ckpt.pt)")
+        cfg.ckpt = os.path.join(cfg.ckpt, "ckpt.pt")
     if cfg.pairs and not os.path.isfile(cfg.pairs):
         raise T.ConfigError(f"--pairs={cfg.pairs}: no such file")
     import needle
@@ -374,7 +371,7 @@ def compare(cfg, device, pairs, result, wall):
     logs = []
     with open(os.path.join(cfg.out_dir, "log.jsonl")) as f:
         logs = [json.loads(ln) for ln in f if ln.strip()]
-    keys = ("loss",) + tuple(dpo_metrics(*[torch.zeros(1)] * 5))
+    keys = ("loss",) + METRICS
     out = cfg.results or os.path.join("results", f"dpo_{os.path.basename(os.path.normpath(cfg.out_dir))}.json")
     src = {}
     for p in pairs:
