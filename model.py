@@ -217,7 +217,7 @@ def latent_attention(q_lat, q_pe, kv, block_table, seq_lens, scale):
     """Absorbed MLA decode against one layer's latent cache -> o_lat (B, H, R).
     scores = (q_lat . c + q_pe . k_pe) * scale over each row's first seq_lens tokens; o = softmax . c.
     On CUDA: the fused Triton kernel. Elsewhere: this PyTorch path (same math as mla_kernel.mla_decode_ref)."""
-    if kv.is_cuda:
+    if kv.is_cuda and kv.dtype in (torch.bfloat16, torch.float16):  # the kernel reads 16-bit caches
         from mla_kernel import mla_decode
         return mla_decode(q_lat, q_pe, kv, block_table, seq_lens, scale)
     R = q_lat.shape[-1]

@@ -435,6 +435,98 @@ def test_hf_errors_are_one_line_and_name_the_folder(tmp_path):
 
 
 # ============================================================================ mla kernel (issue 4)
+import mla_kernel  # noqa: E402
+
+
+def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None):
+    """Random queries and per-row keys, scattered into a paged cache through a shuffled block
+    table whose spare pages hold random junk; returns (kernel output, float64 reference computed
+    from the unpaged rows, kernel inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    max_pages = max(1, -(-max(lens) // page)) + 1                       # one spare page a row
+    num_blocks = B * max_pages + 2
+    cache = torch.randn(num_blocks, page, R + P, generator=g).to(dtype)  # junk everywhere first
+    block_table = torch.randperm(num_blocks, generator=g)[: B * max_pages].view(B, max_pages).int()
+    rows = [torch.randn(n, R + P, generator=g).to(dtype) for n in lens]  # (n, R+P) per row
+    for b, n in enumerate(lens):
+        for t in range(n):
+            cache[block_table[b, t // page], t % page] = rows[b][t]
+    q_lat = torch.randn(B, H, R, generator=g).to(dtype)
+    q_pe = torch.randn(B, H, P, generator=g).to(dtype)
+    sm_scale = (R // 4 + P) ** -0.5
+    ref = torch.zeros(B, H, R, dtype=torch.float64)
+    for b, n in enumerate(lens):
+        if n:
+            c, k_pe = rows[b][:, :R].double(), rows[b][:, R:].double()
+            s = (q_lat[b].double() @ c.T + q_pe[b].double() @ k_pe.T) * sm_scale  # (H, n)
+            ref[b] = torch.softmax(s, -1) @ c
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    out = torch.full((B, H, R), float("nan"), dtype=dtype)               # poison: every element must be written
+    mla_kernel.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=out, num_splits=num_splits)
+    return out, ref, (q_lat, q_pe, cache, block_table, seq_lens, sm_scale)
+
+
+def _rel_err(out, ref):
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("B,H,R,P,page,lens,dtype,splits", [
+    (3, 3, 64, 32, 16, [37, 100, 1], torch.bfloat16, None),     # tiny preset widths, odd lengths, 3 heads
+    (2, 16, 64, 32, 32, [600, 333], torch.float16, None),        # auto splits > 1: merge pass
+    (3, 1, 64, 32, 64, [64, 130, 191], torch.bfloat16, 4),       # one head, page 64, forced splits
+    (2, 16, 512, 64, 16, [50, 17], torch.float16, None),         # DeepSeek-V3 widths, page 16 < tile
+    (1, 16, 256, 64, 64, [300], torch.bfloat16, 3),              # small preset widths
+])
+def test_kernel_matches_float64(B, H, R, P, page, lens, dtype, splits):
+    out, ref, _ = _kernel_case(B, H, R, P, page, lens, dtype, seed=B * 1000 + H * 10 + R, num_splits=splits)
+    assert torch.isfinite(out).all(), "unwritten (NaN-poisoned) or non-finite output elements"
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # bf16 output rounding alone is ~3e-3
+    assert _rel_err(out, ref) < tol
+
+
+def test_kernel_fresh_inputs_and_splits_agree():
+    # same function on different random draws, and the split count does not change the result
+    for seed in (1, 2):
+        outs = [_kernel_case(2, 16, 64, 32, 16, [257, 90], torch.float16, seed, num_splits=s) for s in (1, 5)]
+        for out, ref, _ in outs:
+            assert _rel_err(out, ref) < 2e-3
+        assert (outs[0][0].float() - outs[1][0].float()).abs().max().item() < 2e-3
+
+
+def test_kernel_empty_row_gives_zeros():
+    for splits in (1, 3):
+        out, ref, _ = _kernel_case(3, 3, 64, 32, 16, [40, 0, 70], torch.bfloat16, seed=7, num_splits=splits)
+        assert torch.equal(out[1], torch.zeros_like(out[1]))
+        assert _rel_err(out[[0, 2]], ref[[0, 2]]) < 1e-2
+
+
+def test_kernel_reference_matches_float64():
+    out, ref, args = _kernel_case(2, 3, 64, 32, 16, [45, 0], torch.bfloat16, seed=11)
+    assert _rel_err(mla_kernel.mla_decode_ref(*args), ref) < 1e-2
+    q_lat, q_pe, cache, bt, sl, scale = args
+    ref64 = mla_kernel.mla_decode_ref(q_lat.double(), q_pe.double(), cache.double(), bt, sl, scale)
+    assert _rel_err(ref64, ref) < 1e-12
+
+
+def test_kernel_rejects_bad_shapes():
+    q_lat, q_pe = torch.randn(1, 2, 64).bfloat16(), torch.randn(1, 2, 32).bfloat16()
+    bt, sl = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cache width"):
+        mla_kernel.mla_decode(q_lat, q_pe, torch.randn(1, 16, 64 + 16).bfloat16(), bt, sl, 0.1)
+    with pytest.raises(ValueError, match="page size"):
+        mla_kernel.mla_decode(q_lat, q_pe, torch.randn(1, 24, 96).bfloat16(), bt, sl, 0.1)
+    with pytest.raises(ValueError, match="int32"):
+        mla_kernel.mla_decode(q_lat, q_pe, torch.randn(1, 16, 96).bfloat16(), bt.long(), sl, 0.1)
+
+
+def test_kernel_split_count_heuristic():
+    # B=1 at 128k on 132 SMs: one split per CTA slot; a full batch: no splits; short rows: few splits
+    assert mla_kernel.num_kv_splits(1, 1, 131072, 132, ctas_per_sm=2) == 264
+    assert mla_kernel.num_kv_splits(64, 2, 131072, 132) == 1
+    assert mla_kernel.num_kv_splits(16, 1, 131072, 132, ctas_per_sm=2) == 16
+    assert mla_kernel.num_kv_splits(1, 1, 1024, 132) == 8
+    assert [mla_kernel.head_group(h) for h in (1, 3, 16, 17, 64, 100, 128)] == [16, 16, 16, 32, 64, 64, 64]
+
 
 
 # ============================================================================ needle (issue 5)
@@ -1295,6 +1387,1011 @@ def test_judge_against_serve_tiny(tmp_path):
 
 
 # ============================================================================ serve (issue 9)
+# The engine in-process against model.generate (float64); then real `python serve.py` processes on
+# loopback, driven by the official openai client and raw HTTP.
+import concurrent.futures as _cf  # noqa: E402
+import http.client as _http  # noqa: E402
+import json as _sjson  # noqa: E402
+import re as _re  # noqa: E402
+import signal as _signal  # noqa: E402
+import socket as _ssocket  # noqa: E402
+import subprocess as _sproc  # noqa: E402
+import time as _stime  # noqa: E402
+import urllib.request as _urlreq  # noqa: E402
+
+try:
+    import serve  # noqa: E402
+    _SERVE_SKIP = ""
+except ImportError as _e:   # the GPU image has no web stack (fastapi, uvicorn, prometheus_client)
+    serve, _SERVE_SKIP = None, f"serve.py cannot be imported here: {_e}"
+_needs_serve = pytest.mark.skipif(serve is None, reason=_SERVE_SKIP)
+
+_SERVE_PY = os.path.join(ROOT, "serve.py")
+_SERVE_KEY = "sk-serve-test"
+
+
+def _serve_model_cfg():
+    return M.ModelConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16,
+                         max_position_embeddings=1024)
+
+
+def _serve_ckpt(path):
+    torch.manual_seed(1)
+    m = M.Transformer(_serve_model_cfg())
+    with torch.no_grad():  # larger weights than init: sharper logits, so greedy paths do not collapse to one token
+        for n, p in m.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in n else p.mul_(4.0)
+    M.save_checkpoint(str(path), m)
+    return str(path)
+
+
+def _serve_prompts(n, seed=0):
+    """Token-id prompts of different lengths (5..~100: several pages, several prefill chunks)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (5 + (i * 37) % 97,), generator=g).tolist() for i in range(n)]
+
+
+def _reference_greedy(model, prompt, max_new):
+    out = model.generate(torch.tensor([prompt]), max_new, temperature=0.0, page=16)[0]
+    return out
+
+
+def _strip_stop(ids):
+    return ids[:-1] if ids and ids[-1] in M.STOP_IDS else ids
+
+
+@_needs_serve
+def test_serve_engine_matches_generate_with_preemption():
+    """16 ragged requests through the engine with a cache too small for all of them: the scheduler must wait,
+    chunk prefills, batch ragged decodes and preempt; every greedy output must still be model.generate's
+    (float64), and every block must come back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny ops: more threads only contend
+    try:
+        _serve_engine_check()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _serve_engine_check():
+    torch.manual_seed(1)
+    model = M.Transformer(_serve_model_cfg()).double().eval()
+    cfg = serve.ServeConfig(page=16, num_blocks=24, max_model_len=384, max_num_seqs=8, max_num_batched_tokens=40)
+    outs = []
+    eng = serve.Engine(model, cfg, deliver=outs.extend)
+    prompts = _serve_prompts(16)
+    reqs = [eng.submit(p, serve.SamplingParams(max_tokens=40 + i, temperature=0.0, ignore_eos=i % 2 == 0))
+            for i, p in enumerate(prompts)]
+    max_batch = 0
+    for _ in range(10000):
+        busy = eng.step()
+        max_batch = max(max_batch, len(eng.running))
+        if not busy:
+            break
+    assert all(r.finish_reason in ("stop", "length") for r in reqs)
+    assert eng.num_preemptions > 0 and max_batch > 1
+    assert sorted(eng.free) == list(range(cfg.num_blocks)) and not eng.running and not eng.waiting
+    for i, (p, r) in enumerate(zip(prompts, reqs)):
+        got = r.ids[len(p):]
+        ref = _reference_greedy(model, p, 40 + i)
+        assert (got if i % 2 == 0 else _strip_stop(got))[:len(ref)] == ref, i
+        # what the client was told adds up to the same tokens and the same text
+        told = [o for rr, o in outs if rr is r]
+        assert sum((o.token_ids for o in told), []) == got and told[-1].finish_reason == r.finish_reason
+        text = bytes(t for t in _strip_stop(got) if t < 256).decode("utf-8", "replace")
+        assert "".join(o.text for o in told) == text
+
+
+@_needs_serve
+def test_serve_sampling_matches_closed_form():
+    """temperature, top-k, top-p: empirical frequencies of 20000 per-request-seeded draws against the filtered
+    distribution computed by hand; excluded tokens never appear; a row's draw depends only on its seed."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.9, 0.2, -1.0, -3.0, 0.5], dtype=torch.float64)
+    T, k, top_p = 0.7, 5, 0.8
+    # by hand: scale, keep the 5 largest, renormalise, keep the smallest head whose mass reaches 0.8
+    z = sorted(((float(v) / T, i) for i, v in enumerate(logits)), reverse=True)[:k]
+    w = [math.exp(v - z[0][0]) for v, _ in z]
+    probs = [x / sum(w) for x in w]
+    keep, mass = [], 0.0
+    for p_, (_, i) in zip(probs, z):
+        if mass >= top_p:
+            break
+        keep.append(i)
+        mass += p_
+    expect = torch.zeros(8, dtype=torch.float64)
+    for i in keep:
+        expect[i] = math.exp(float(logits[i]) / T)
+    expect /= expect.sum()
+    N = 20000
+    params = [serve.SamplingParams(max_tokens=1, temperature=T, top_k=k, top_p=top_p)] * N
+    gens = [torch.Generator().manual_seed(s) for s in range(N)]
+    toks = serve.sample_rows(logits.expand(N, 8).clone(), params, gens)
+    freq = torch.bincount(toks, minlength=8).double() / N
+    assert set(toks.tolist()) == set(keep)
+    sigma = (expect * (1 - expect) / N).sqrt()
+    assert ((freq - expect).abs() <= 5 * sigma + 1e-12).all(), (freq, expect)
+    # same seeds, rows reversed and mixed with greedy rows: each seeded row draws the same token
+    mixed = [serve.SamplingParams(max_tokens=1, temperature=0.0)] * 3 + params[:50][::-1]
+    gens2 = [torch.Generator().manual_seed(0)] * 3 + [torch.Generator().manual_seed(s) for s in range(50)][::-1]
+    again = serve.sample_rows(logits.expand(53, 8).clone(), mixed, gens2)
+    assert again[:3].tolist() == [0, 0, 0] and again[3:].tolist() == toks[:50].tolist()[::-1]
+
+
+@_needs_serve
+def test_serve_cli_errors(tmp_path, capsys, monkeypatch):
+    """--help lists every flag; bad flags, a missing checkpoint, a broken one, --backend=vllm without vLLM:
+    one line on stderr and exit code 2."""
+    with pytest.raises(SystemExit) as e:
+        serve.parse_args(["--help"])
+    assert e.value.code == 0
+    helptext = capsys.readouterr().out
+    assert all(f"--{f.name}=" in helptext for f in serve.fields(serve.ServeConfig))
+    bad = [["--nope=1"], ["--port=x"], ["port=1"], ["--dtype=int8"], ["--page=0"], ["--access_log=maybe"],
+           ["--max_num_seqs=64", "--max_num_batched_tokens=8"], ["--backend=tgi"]]
+    for argv in bad:
+        with pytest.raises(SystemExit) as e:
+            serve.parse_args(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("serve.py: ") and err.count("\n") == 1, (argv, err)
+    assert serve.parse_args(["--api-key=k", "--max-model-len=64"]).api_key == "k"   # hyphens work too
+    monkeypatch.chdir(tmp_path)   # no checkpoints/ nor out/ here
+    for argv, needle in [([], "python train.py"), ([f"--ckpt={tmp_path}/none.pt"], "none.pt")]:
+        with pytest.raises(SystemExit) as e:
+            serve.load_model(serve.parse_args(argv))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and err.count("\n") == 1, err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        serve.load_model(serve.parse_args([f"--ckpt={tmp_path}/junk.pt"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "junk.pt" in err and err.count("\n") == 1, err
+    if serve.shutil.which("vllm") is None:
+        with pytest.raises(SystemExit) as e:
+            serve.run_vllm(serve.parse_args(["--backend=vllm"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "vLLM" in err and "not installed" in err and err.count("\n") == 1
+
+
+@_needs_serve
+def test_serve_export_and_vllm_command(tmp_path):
+    """--export writes the HF folder (model.export_hf) that loads back to the same weights; --backend=vllm exports
+    and execs `vllm serve DIR` with our settings (vLLM cannot run here: a stand-in `vllm` on PATH records argv)."""
+    ckpt = _serve_ckpt(tmp_path / "ckpt.pt")
+    fake = tmp_path / "bin" / "vllm"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(tmp_path / 'argv.json')!r}, 'w'))\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
+    p = _sproc.run([sys.executable, _SERVE_PY, f"--ckpt={ckpt}", "--backend=vllm", f"--export={tmp_path / 'hf'}",
+                    "--port=8011", "--host=0.0.0.0", "--api-key=sk-v", "--served_model_name=ic-v", "--max_model_len=300"],
+                   env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    argv = _sjson.load(open(tmp_path / "argv.json"))
+    assert argv[:2] == ["serve", str(tmp_path / "hf")]
+    opts = dict(zip(argv[2::2], argv[3::2]))
+    assert opts == {"--served-model-name": "ic-v", "--dtype": "bfloat16", "--max-model-len": "300", "--host": "0.0.0.0",
+                    "--port": "8011", "--max-num-seqs": "64", "--api-key": "sk-v"}
+    assert "sk-v" not in p.stderr   # the key is not echoed
+    ref, back = M.load_checkpoint(ckpt), M.load_checkpoint(str(tmp_path / "hf"))
+    for (n, a), (_, b) in zip(ref.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b.float()), n
+
+
+class _ServeProc:
+    """python serve.py on a free loopback port, up once /health answers."""
+
+    def __init__(self, tmp, *flags, model_name):
+        self.model_name = model_name
+        with _ssocket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = open(os.path.join(tmp, f"serve-{self.port}.log"), "w+")
+        self.proc = _sproc.Popen([sys.executable, _SERVE_PY, f"--port={self.port}", *flags],
+                                 stdout=_sproc.DEVNULL, stderr=self.log, cwd=tmp)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = _stime.time() + 120
+        while True:
+            assert self.proc.poll() is None, self.logtext()
+            try:
+                _urlreq.urlopen(self.url + "/health", timeout=2)
+                return
+            except OSError:
+                assert _stime.time() < deadline, "serve.py did not come up in 120 s: " + self.logtext()
+                _stime.sleep(0.3)
+
+    def logtext(self):
+        self.log.seek(0)
+        return self.log.read()[-3000:]
+
+    def metrics(self):
+        """/metrics as {name|label=value,...: float}; every vllm: series must carry model_name."""
+        text = _urlreq.urlopen(self.url + "/metrics", timeout=10).read().decode()
+        out = {}
+        for line in text.splitlines():
+            m = _re.match(r'^([\w:]+)(?:\{([^}]*)\})? (\S+)$', line)
+            if m:
+                labels = dict(_re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+                if m.group(1).startswith("vllm:"):
+                    assert labels.pop("model_name") == self.model_name, line
+                key = m.group(1) + ("|" + ",".join(f"{k}={v}" for k, v in sorted(labels.items())) if labels else "")
+                out[key] = float(m.group(3))
+        return out
+
+    def request(self, method, path, body=None, headers=None, key=_SERVE_KEY):
+        """(status, headers, parsed JSON or text) over plain http.client; body may be bytes (sent as is)."""
+        conn = _http.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        data = body if isinstance(body, (bytes, type(None))) else _sjson.dumps(body).encode()
+        conn.request(method, path, body=data, headers=h)
+        r = conn.getresponse()
+        raw = r.read().decode()
+        conn.close()
+        try:
+            return r.status, dict(r.getheaders()), _sjson.loads(raw)
+        except ValueError:
+            return r.status, dict(r.getheaders()), raw
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def serve_proc(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("serve"))
+    ckpt = _serve_ckpt(os.path.join(tmp, "ckpt.pt"))
+    # float64 makes batched == sequential exact; 60 blocks of 4 tokens is too few for 16 requests at once
+    s = _ServeProc(tmp, f"--ckpt={ckpt}", "--dtype=float64", "--page=4", "--num_blocks=60", "--max_model_len=240",
+                   "--max_num_seqs=16", "--max_num_batched_tokens=48", f"--api-key={_SERVE_KEY}",
+                   "--served_model_name=ic-test", model_name="ic-test")
+    s.ckpt = ckpt
+    yield s
+    s.stop()
+
+
+def _openai(s):
+    import openai
+    return openai.OpenAI(base_url=s.url + "/v1", api_key=_SERVE_KEY, max_retries=0, timeout=120)
+
+
+@_needs_serve
+def test_serve_openai_client(serve_proc):
+    """completions and chat, streamed and not, through the official client: streams add up to the whole
+    answer, usage is there (also as the last chunk with include_usage), stop strings cut the text."""
+    c = _openai(serve_proc)
+    assert [m.id for m in c.models.list().data] == ["ic-test"]
+    prompt = "The quick brown fox jumps over the lazy dog"
+    n_prompt = len(M.get_tokenizer().encode(prompt))
+    full = c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0,
+                                extra_body={"ignore_eos": True, "return_token_ids": True})
+    ch = full.choices[0]
+    assert ch.finish_reason == "length" and len(ch.token_ids) == 24 and ch.prompt_token_ids == M.get_tokenizer().encode(prompt)
+    assert (full.usage.prompt_tokens, full.usage.completion_tokens, full.usage.total_tokens) == (n_prompt, 24, n_prompt + 24)
+    assert ch.text == bytes(t for t in ch.token_ids if t < 256).decode("utf-8", "replace")
+    chunks = list(c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                       stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert "".join(k.choices[0].text for k in chunks if k.choices) == ch.text
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert [k.choices[0].finish_reason for k in chunks if k.choices][-1] == "length"
+    # a stop string taken from the middle of the greedy answer: the text ends right before it
+    text = ch.text
+    cut = next(i for i in range(1, len(text) - 2) if "\ufffd" not in text[i:i + 2] and text.find(text[i:i + 2]) == i)
+    stopped = c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0, stop=[text[cut:cut + 2]],
+                                   extra_body={"ignore_eos": True})
+    assert stopped.choices[0].text == text[:cut] and stopped.choices[0].finish_reason == "stop"
+    streamed_stop = c.completions.create(model="ic-test", prompt=prompt, max_tokens=24, temperature=0, stream=True,
+                                         stop=text[cut:cut + 2], extra_body={"ignore_eos": True})
+    assert "".join(k.choices[0].text for k in streamed_stop) == text[:cut]
+    # chat: the ChatML prompt, non-streamed and streamed
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the magic number?"}]
+    n_chat = len(M.get_tokenizer().encode(M.chat_prompt(msgs), allowed_special="all"))
+    a = c.chat.completions.create(model="ic-test", messages=msgs, max_tokens=16, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert a.choices[0].message.role == "assistant" and a.usage.prompt_tokens == n_chat
+    assert a.usage.completion_tokens == 16
+    parts = list(c.chat.completions.create(model="ic-test", messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                           stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == a.choices[0].message.content
+    assert parts[-1].usage.prompt_tokens == n_chat and parts[-1].usage.completion_tokens == 16
+    # seeded sampling is reproducible
+    s1, s2 = (c.completions.create(model="ic-test", prompt=prompt, max_tokens=16, temperature=1.0, top_p=0.9,
+                                   seed=1234, extra_body={"top_k": 50}).choices[0].text for _ in range(2))
+    assert s1 == s2
+
+
+@_needs_serve
+def test_serve_concurrent_greedy_equals_sequential(serve_proc):
+    """16 ragged greedy requests at once (the cache holds fewer: waiting, chunking, preemption) give exactly the
+    tokens of the same requests one at a time, and model.generate's; seeded sampled requests match too."""
+    c = _openai(serve_proc)
+    prompts = _serve_prompts(16, seed=3)
+
+    def run(i):
+        extra = {"return_token_ids": True, "ignore_eos": i % 2 == 0}
+        kw = dict(temperature=0.0) if i % 4 else dict(temperature=0.9, seed=100 + i)
+        r = c.completions.create(model="ic-test", prompt=prompts[i], max_tokens=16 + i, extra_body=extra, **kw)
+        return r.choices[0].token_ids
+
+    before = serve_proc.metrics()
+    one_by_one = [run(i) for i in range(16)]
+    with _cf.ThreadPoolExecutor(16) as ex:
+        together = list(ex.map(run, range(16)))
+    after = serve_proc.metrics()
+    assert together == one_by_one
+    assert after["vllm:num_preemptions_total"] > before["vllm:num_preemptions_total"]   # the pool really ran out
+    model = M.load_checkpoint(serve_proc.ckpt).double().eval()
+    for i in [i for i in range(16) if i % 4]:   # the greedy ones; generate() stops at <|im_end|> / <|endoftext|>
+        ref = _reference_greedy(model, prompts[i], 16 + i)
+        got = together[i] if i % 2 == 0 else _strip_stop(together[i])   # even i: ignore_eos, may run past a stop
+        assert got[:len(ref)] == ref and (i % 2 == 0 or len(got) == len(ref)), i
+    assert after["vllm:kv_cache_usage_perc"] == 0 and after["vllm:num_requests_running"] == 0
+
+
+@_needs_serve
+def test_serve_bad_inputs_get_4xx(serve_proc):
+    """Every bad input gets its 4xx with an OpenAI-style error body, and the server keeps serving."""
+    s = serve_proc
+    ok = {"model": "ic-test", "prompt": "hi", "max_tokens": 2}
+    chat = {"model": "ic-test", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    cases = [
+        ("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ', {}, _SERVE_KEY, 400),   # malformed JSON
+        ("POST", "/v1/completions", b"\xff\xfe not json", {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "max_tokens": "many"}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": {"text": "hi"}}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {"model": "ic-test"}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", [1, 2, 3], {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "model": "gpt-4"}, {}, _SERVE_KEY, 404),
+        ("POST", "/v1/completions", {**ok, "max_tokens": -5}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "max_tokens": 0}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "max_tokens": 10 ** 30}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 600}, {}, _SERVE_KEY, 400),        # > max_model_len
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 100000}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": "x" * 200, "max_tokens": 100}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": ""}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": [1, 2, 999]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "prompt": ["a", "b"]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "temperature": -1}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", b'{"prompt": "hi", "temperature": NaN}', {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "top_p": 0}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "seed": 1.5}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "n": 3}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", {**ok, "logprobs": 2}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": []}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": "hi"}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": [{"role": "wizard", "content": "hi"}]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/chat/completions", {**chat, "messages": [{"role": "user", "content": "x" * 1000}]}, {}, _SERVE_KEY, 400),
+        ("POST", "/v1/completions", ok, {}, "sk-wrong", 401),
+        ("POST", "/v1/completions", ok, {}, None, 401),
+        ("GET", "/v1/models", None, {}, "sk-wrong", 401),
+        ("GET", "/v1/completions", None, {}, _SERVE_KEY, 405),
+        ("POST", "/v1/nothing", ok, {}, _SERVE_KEY, 404),
+    ]
+    before = s.metrics()
+    for method, path, body, headers, key, want in cases:
+        status, _, reply = s.request(method, path, body, headers, key)
+        assert status == want, (path, body if not isinstance(body, (str, bytes)) or len(body) < 80 else "...", status, reply)
+        assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"], reply
+        assert s.proc.poll() is None
+    after = s.metrics()   # the server counted every answer by status, and none was a 5xx
+    for code in {c[-1] for c in cases}:
+        got = after[f"http_requests_total|status={code}"] - before.get(f"http_requests_total|status={code}", 0)
+        assert got == sum(c[-1] == code for c in cases), code
+    assert not [k for k in after if k.startswith("http_requests_total|status=5")]
+    status, _, reply = s.request("POST", "/v1/chat/completions", {**chat, "max_tokens": 3, "ignore_eos": True})
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3
+    assert s.request("GET", "/health", key=None)[0] == 200 and s.request("GET", "/metrics", key=None)[0] == 200
+    schema = s.request("GET", "/openapi.json", key=None)[2]
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
+    assert "CompletionRequest" in schema["components"]["schemas"]
+
+
+def _raw_stream(s, path, body, response=True):
+    conn = _http.HTTPConnection("127.0.0.1", s.port, timeout=60)
+    conn.request("POST", path, body=_sjson.dumps(body), headers={"Content-Type": "application/json",
+                                                                  "Authorization": f"Bearer {_SERVE_KEY}"})
+    return conn, conn.getresponse() if response else None
+
+
+def _wait_for(s, cond, what, timeout=60):
+    deadline = _stime.time() + timeout
+    while True:
+        m = s.metrics()
+        if cond(m):
+            return m
+        assert _stime.time() < deadline, f"{what}: {m}"
+        _stime.sleep(0.05)
+
+
+@_needs_serve
+def test_serve_disconnect_frees_blocks(serve_proc):
+    """A client that hangs up mid-stream, or while waiting for a whole answer, gets its request aborted and its
+    blocks freed: vllm:kv_cache_usage_perc back to 0, far fewer tokens generated than asked for."""
+    s = serve_proc
+    for stream in (True, False):
+        before = s.metrics()
+        body = {"model": "ic-test", "prompt": "tell me a long story", "max_tokens": 200, "temperature": 0,
+                "ignore_eos": True, "stream": stream}
+        conn, resp = _raw_stream(s, "/v1/completions", body, response=stream)   # a whole answer: do not wait for it
+        if stream:
+            assert resp.status == 200
+            lines = [resp.readline() for _ in range(4)]
+            assert lines[0].startswith(b"data: {")
+        mid = _wait_for(s, lambda m: m["vllm:num_requests_running"] == 1, "request never ran")
+        assert mid["vllm:kv_cache_usage_perc"] > 0
+        conn.sock.shutdown(_ssocket.SHUT_RDWR)
+        conn.close()
+        key = "vllm:request_success_total|finished_reason=abort"
+        after = _wait_for(s, lambda m: m["vllm:kv_cache_usage_perc"] == 0 and m.get(key, 0) == before.get(key, 0) + 1,
+                          "blocks not freed after the client left")
+        assert after["vllm:num_requests_running"] == 0
+        assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 200
+
+
+@_needs_serve
+def test_serve_metrics_count_tokens(serve_proc):
+    """/metrics counts prompt and generated tokens exactly (against the tokenizer and usage)."""
+    s = serve_proc
+    tok = M.get_tokenizer()
+    before = s.metrics()
+    prompts = ["a", "hello there", "<|im_start|>user\nspecial tokens count as one<|im_end|>\n", "é" * 7]
+    usages = []
+    for i, p in enumerate(prompts):
+        body = {"model": "ic-test", "prompt": p, "max_tokens": 3 + i, "temperature": 0, "ignore_eos": True,
+                "stream": i % 2 == 1, "stream_options": {"include_usage": True}}
+        status, _, reply = s.request("POST", "/v1/completions", body)
+        assert status == 200
+        if i % 2:
+            events = [ln[6:] for ln in reply.split("\n\n") if ln.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            reply = _sjson.loads(events[-2])
+        usages.append(reply["usage"])
+        assert reply["usage"]["prompt_tokens"] == len(tok.encode(p, allowed_special="all"))
+        assert reply["usage"]["completion_tokens"] == 3 + i
+    after = s.metrics()
+    assert after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usages)
+    assert (after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"]
+            == sum(u["completion_tokens"] for u in usages) == 3 + 4 + 5 + 6)
+    assert after["vllm:e2e_request_latency_seconds_count"] - before["vllm:e2e_request_latency_seconds_count"] == 4
+    assert after["vllm:time_to_first_token_seconds_count"] - before["vllm:time_to_first_token_seconds_count"] == 4
+    assert after["vllm:inter_token_latency_seconds_count"] - before["vllm:inter_token_latency_seconds_count"] == 2 + 3 + 4 + 5
+
+
+@_needs_serve
+def test_serve_queue_full_and_sigterm_drain(tmp_path):
+    """One running sequence and a queue of one: a burst gets 503 + Retry-After for the overflow (the rest is
+    served); SIGTERM mid-stream refuses new connections, lets the stream finish every token, then exits 0."""
+    ckpt = _serve_ckpt(tmp_path / "ckpt.pt")
+    s = _ServeProc(str(tmp_path), f"--ckpt={ckpt}", "--max_num_seqs=1", "--max_queue=1", "--page=16",
+                   f"--api_key={_SERVE_KEY}", "--served_model_name=ic-sig", model_name="ic-sig")
+    try:
+        body = {"prompt": "count", "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+        with _cf.ThreadPoolExecutor(6) as ex:
+            replies = list(ex.map(lambda _: s.request("POST", "/v1/completions", body), range(6)))
+        codes = sorted(r[0] for r in replies)
+        assert 503 in codes and 200 in codes and set(codes) == {200, 503}, codes
+        assert all(h.get("retry-after") or h.get("Retry-After") for code, h, _ in replies if code == 503)
+        texts = {r[2]["choices"][0]["text"] for r in replies if r[0] == 200}
+        assert len(texts) == 1
+        conn, resp = _raw_stream(s, "/v1/completions", {**body, "max_tokens": 300, "stream": True,
+                                                        "stream_options": {"include_usage": True}})
+        first = resp.readline()
+        assert first.startswith(b"data: {")
+        s.proc.send_signal(_signal.SIGTERM)
+        _stime.sleep(0.5)
+        with pytest.raises(OSError):   # draining: the listener is closed
+            _urlreq.urlopen(s.url + "/health", timeout=5)
+        rest = resp.read().decode()
+        events = [ln[6:] for ln in (first.decode() + rest).split("\n\n") if ln.startswith("data: ")]
+        assert events[-1] == "[DONE]" and _sjson.loads(events[-2])["usage"]["completion_tokens"] == 300
+        assert s.proc.wait(timeout=60) == 0
+    finally:
+        s.stop()
+
 
 
 # ============================================================================ infra (issue 10)
+# The playbook really runs against this machine (apt installs, munge + SLURM daemons), so these
+# tests run where CI is set and skip elsewhere; the manifest and Prometheus checks run everywhere.
+import json
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import yaml
+
+INFRA_BIN = os.path.dirname(sys.executable)  # ansible-playbook, ansible-lint, kubernetes-validate, torchrun
+INFRA_NEEDS_CI = pytest.mark.skipif(
+    not os.environ.get("CI"), reason="CI not set: the playbook apt-installs packages and starts SLURM "
+                                     "daemons on this machine (run with CI=true, as root)")
+# DESIGN.md section 7: the vLLM metric names serve.py also exposes (histograms add _bucket/_sum/_count).
+INFRA_VLLM_METRICS = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                      "vllm:prompt_tokens_total", "vllm:generation_tokens_total",
+                      "vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
+                      "vllm:e2e_request_latency_seconds"}
+# Fields from dcgm-exporter's default-counters.csv (the subset a serving dashboard can use).
+INFRA_DCGM_FIELDS = {"DCGM_FI_DEV_SM_CLOCK", "DCGM_FI_DEV_MEM_CLOCK", "DCGM_FI_DEV_MEMORY_TEMP",
+                     "DCGM_FI_DEV_GPU_TEMP", "DCGM_FI_DEV_POWER_USAGE", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+                     "DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_MEM_COPY_UTIL",
+                     "DCGM_FI_DEV_ENC_UTIL", "DCGM_FI_DEV_DEC_UTIL", "DCGM_FI_DEV_XID_ERRORS",
+                     "DCGM_FI_DEV_FB_FREE", "DCGM_FI_DEV_FB_USED", "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL"}
+INFRA_PROMQL_WORDS = {"sum", "avg", "max", "min", "count", "rate", "irate", "increase", "histogram_quantile",
+                      "by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless",
+                      "bool", "offset", "topk", "bottomk", "quantile", "abs", "clamp_max", "clamp_min"}
+
+
+def _infra_run(cmd, timeout=600, check=True, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=kw.pop("cwd", ROOT), **kw)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def _infra_playbook():
+    """One real run of setup_node.yml against this machine; the project env is the one running pytest."""
+    env = dict(os.environ, ANSIBLE_NOCOLOR="1", ANSIBLE_FORCE_COLOR="0", ANSIBLE_STDOUT_CALLBACK="default")
+    r = _infra_run([os.path.join(INFRA_BIN, "ansible-playbook"), "-i", "localhost,", "-c", "local",
+                    "setup_node.yml", "-e", f"venv_dir={sys.prefix}"], env=env)
+    recap = re.search(r"localhost\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)", r.stdout)
+    assert recap, r.stdout[-3000:]
+    return r.stdout, int(recap.group(2)), int(recap.group(4))
+
+
+def _infra_task_results(out, task):
+    """The result lines ('ok', 'changed', 'skipping', ...) printed under one TASK banner."""
+    block = out.split(f"TASK [{task}]", 1)[1].split("\nTASK [", 1)[0]
+    return re.findall(r"^(ok|changed|skipping|fatal|failed): ", block, re.M)
+
+
+@pytest.fixture(scope="module")
+def infra_cluster():
+    if not os.environ.get("CI"):
+        pytest.skip("CI not set: the playbook apt-installs packages and starts SLURM daemons on this machine")
+    out, changed, failed = _infra_playbook()
+    return {"out": out, "changed": changed, "failed": failed}
+
+
+@INFRA_NEEDS_CI
+def test_infra_playbook_brings_up_slurm(infra_cluster):
+    out = infra_cluster["out"]
+    assert infra_cluster["failed"] == 0
+    # No NVIDIA GPU here: the GPU tasks skip, and the playbook says why.
+    assert "No NVIDIA GPU found: skipping the NVIDIA driver, Docker and the NVIDIA container toolkit" in out
+    for task in ("Install the NVIDIA driver", "Install Docker and the NVIDIA container toolkit",
+                 "Register the NVIDIA runtime with Docker"):
+        assert _infra_task_results(out, task) == ["skipping"], task
+    # SLURM is up and this machine is an idle node of it (sinfo asks slurmctld, through munge).
+    node = socket.gethostname().split(".")[0]
+    r = _infra_run(["sinfo", "--noheader", "--Node", "--format=%N %T %c"])
+    rows = dict((l.split()[0], l.split()[1:]) for l in r.stdout.splitlines())
+    assert node in rows, r.stdout
+    assert rows[node][0] in ("idle", "mixed", "allocated"), r.stdout  # idle unless a job of ours runs
+    assert int(rows[node][1]) == os.cpu_count()  # CPUs= templated from the facts
+    conf = open("/etc/slurm/slurm.conf").read()
+    assert f"SlurmctldHost={node}(" in conf and "Gres=" not in conf  # controller = first host, no GPUs
+
+
+@INFRA_NEEDS_CI
+def test_infra_playbook_second_run_changes_nothing(infra_cluster):
+    out, changed, failed = _infra_playbook()
+    assert failed == 0 and changed == 0, "\n".join(l for l in out.splitlines() if l.startswith("changed:")
+                                                    or l.startswith("TASK ["))
+
+
+def test_infra_playbook_ansible_lint_production():
+    r = _infra_run([os.path.join(INFRA_BIN, "ansible-lint"), "--nocolor", "--profile=production", "setup_node.yml"],
+                   check=False, env=dict(os.environ, NO_COLOR="1"))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Profile 'production' was required, and it passed" in r.stderr + r.stdout
+
+
+def _infra_sbatch(tmp, *train_args, name):
+    env = dict(os.environ, OUT_DIR=str(tmp / "out"), VENV=sys.prefix)
+    r = _infra_run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", "--time=15", f"--job-name={name}",
+                    f"--output={tmp}/%x-%j.out", "train.sbatch", *train_args], env=env)
+    return r.stdout.strip().split(";")[0]
+
+
+def _infra_job(job):
+    """scontrol's view of a job as a dict (JobState, Restarts, ExitCode, ...)."""
+    r = _infra_run(["scontrol", "show", "job", "--oneliner", job])
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+
+
+def _infra_wait(pred, timeout, what, every=0.5):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = pred()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _infra_ckpt_step(path):
+    """The training step stored in a train.py checkpoint (nanoGPT's iter_num or DESIGN's step)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("step", "iter_num", "iter"):
+        if key in ck:
+            return int(ck[key])
+    raise AssertionError(f"{path}: no step in the checkpoint keys {sorted(ck)}")
+
+
+def _infra_try_step(path):
+    try:
+        return _infra_ckpt_step(path)
+    except (OSError, RuntimeError, EOFError):
+        return None
+
+
+@INFRA_NEEDS_CI
+def test_infra_sbatch_trains_tiny(infra_cluster, tmp_path):
+    tmp_path.chmod(0o755)
+    job = _infra_sbatch(tmp_path, "--max_iters=4", "--ckpt_interval=2", name=f"ic-test-{os.getpid()}")
+    try:
+        state = _infra_wait(lambda: (lambda j: j["JobState"] not in ("PENDING", "RUNNING", "CONFIGURING",
+                                                                     "COMPLETING") and j)(_infra_job(job)),
+                            300, f"job {job} to end")
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log = open(next(tmp_path.glob(f"*-{job}.out"))).read()
+    assert state["JobState"] == "COMPLETED" and state["ExitCode"] == "0:0", log[-3000:]
+    assert f"job {job} run 1: 1 node(s) x 1 process(es)" in log and "--preset=tiny" in log
+    # train.py checkpoints every 2 steps (and on exit): the last one is from step 2..4.
+    assert 2 <= _infra_ckpt_step(tmp_path / "out" / "ckpt.pt") <= 4, log[-3000:]
+    assert f"job {job} finished" in log
+
+
+@INFRA_NEEDS_CI
+def test_infra_sbatch_usr1_checkpoints_requeues_and_resumes(infra_cluster, tmp_path):
+    tmp_path.chmod(0o755)
+    ckpt = tmp_path / "out" / "ckpt.pt"
+    job = _infra_sbatch(tmp_path, "--max_iters=1000000", "--ckpt_interval=1", name=f"ic-requeue-{os.getpid()}")
+    try:
+        # Training runs once checkpoints appear; let it pass step 3 so a fresh start would be visible.
+        _infra_wait(lambda: (_infra_try_step(ckpt) or 0) >= 3, 300, "train.py's checkpoints")
+        _infra_run(["scancel", "--batch", "--signal=USR1", job])
+        # The batch shell: SIGTERM to torchrun, train.py saves and exits, then `scontrol requeue`.
+        _infra_wait(lambda: (lambda j: j["Restarts"] == "1" and j["JobState"] == "PENDING")(_infra_job(job)),
+                    180, f"job {job} to requeue")
+        log_path = next(tmp_path.glob(f"*-{job}.out"))
+        log = open(log_path).read()
+        assert "USR1: time is nearly up" in log and "checkpoint saved" in log, log[-3000:]
+        saved = _infra_ckpt_step(ckpt)
+        assert saved >= 3
+        # SLURM holds a requeued job ~2 minutes (BeginTime) while the node cleans up; once the
+        # old job credential is a few seconds old, release it now instead of waiting.
+        time.sleep(3)
+        _infra_run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+        _infra_wait(lambda: f"job {job} run 2:" in open(log_path).read(), 180, "the requeued run to start")
+        # The requeued run resumes: every checkpoint it writes is past the one saved at USR1
+        # (a fresh start would write step 1, 2, ... first).
+        seen = []
+        def progressed():
+            s = _infra_try_step(ckpt)
+            if s is not None and (not seen or s != seen[-1]):
+                seen.append(s)
+            return s is not None and s > saved
+        _infra_wait(progressed, 300, "a checkpoint of the requeued run", every=0.05)
+        assert all(s >= saved for s in seen), (saved, seen)
+        assert _infra_job(job)["Restarts"] == "1"
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+
+
+def _infra_manifest():
+    with open(os.path.join(ROOT, "k8s.yaml")) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def _infra_doc(docs, kind, name):
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def _infra_validate(path, version):
+    r = _infra_run([os.path.join(INFRA_BIN, "kubernetes-validate"), "--strict", "-k", version, path], check=False)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("version", ["1.30.0", "latest"])
+def test_infra_k8s_manifest_validates_strict(version, tmp_path):
+    from kubernetes_validate.utils import latest_version
+    version = latest_version() if version == "latest" else version
+    docs = _infra_manifest()
+    rc, out = _infra_validate(os.path.join(ROOT, "k8s.yaml"), version)
+    assert rc == 0, out
+    # Every document was checked against a schema: no kind skipped as unknown (no CRDs).
+    assert "Couldn't find schema" not in out and out.count(" passed for resource ") == len(docs), out
+    kinds = {d["kind"] for d in docs}
+    assert {"Namespace", "RuntimeClass", "DaemonSet", "Deployment", "Service", "HorizontalPodAutoscaler",
+            "ConfigMap", "APIService"} <= kinds
+    # The validator is live: one unknown field in the vLLM container fails the strict check.
+    bad = [dict(d) for d in docs]
+    dep = _infra_doc(bad, "Deployment", "vllm")
+    dep["spec"]["template"]["spec"]["containers"][0]["gpuCount"] = 1
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump_all(bad))
+    rc, out = _infra_validate(str(tmp_path / "bad.yaml"), version)
+    assert rc != 0 and "gpuCount" in out, out
+
+
+def test_infra_k8s_vllm_deployment_contract():
+    docs = _infra_manifest()
+    dep = _infra_doc(docs, "Deployment", "vllm")
+    pod = dep["spec"]["template"]["spec"]
+    c = next(c for c in pod["containers"] if c["name"] == "vllm")
+    image = c["image"]
+    assert re.fullmatch(r"vllm/vllm-openai:v\d+\.\d+\.\d+", image), image  # a pinned release, never :latest
+    assert "--dtype=bfloat16" in c["command"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and "memory" in c["resources"]["limits"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["path"] == "/health", probe
+    assert pod["securityContext"]["runAsNonRoot"] is True and c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert pod["runtimeClassName"] == "nvidia" and _infra_doc(docs, "RuntimeClass", "nvidia")["handler"] == "nvidia"
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert vols[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert "emptyDir" in vols[mounts[env["HOME"]]] and env["HF_HOME"].startswith(env["HOME"] + "/")
+    # Model storage every replica reads: an initContainer fills a per-pod emptyDir the server mounts read-only.
+    init = pod["initContainers"][0]
+    model_vol = next(m["name"] for m in init["volumeMounts"])
+    assert "emptyDir" in vols[model_vol]
+    assert any(m["name"] == model_vol and m.get("readOnly") for m in c["volumeMounts"])
+    model_path = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == model_vol)
+    assert c["command"][:3] == ["vllm", "serve", model_path]
+    port = c["ports"][0]["containerPort"]
+    svc = _infra_doc(docs, "Service", "vllm")
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"] and svc["spec"]["ports"][0]["port"] == port
+
+
+def _infra_promql_metrics(expr):
+    """Metric names a PromQL expression reads: identifiers outside label matchers, ranges, strings and
+    grouping clauses that are not functions or keywords."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    e = re.sub(r"\{[^}]*\}", " ", e)
+    e = re.sub(r"\[[^\]]*\]", " ", e)
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    names = set()
+    for m in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", e):
+        rest = e[m.end():].lstrip()
+        if m.group() in INFRA_PROMQL_WORDS or rest.startswith("("):
+            continue
+        names.add(m.group())
+    return names
+
+
+def _infra_metric_family(name, families):
+    """The exposed family a sample name belongs to (histogram series carry _bucket/_sum/_count)."""
+    for suffix in ("", "_bucket", "_sum", "_count"):
+        if suffix and name.endswith(suffix) and name[: -len(suffix)] in families:
+            return name[: -len(suffix)]
+        if not suffix and name in families:
+            return name
+    return None
+
+
+def _infra_monitoring():
+    """Every PromQL query the manifest makes (Grafana panels, Prometheus rules) and the adapter rules."""
+    docs = _infra_manifest()
+    dash = json.loads(_infra_doc(docs, "ConfigMap", "grafana-dashboard")["data"]["infinitecontext.json"])
+    panels = [(p["title"], t["expr"]) for p in dash["panels"] for t in p["targets"]]
+    prom = _infra_doc(docs, "ConfigMap", "prometheus")["data"]
+    rules = [(r.get("record") or r["alert"], r["expr"]) for g in yaml.safe_load(prom["rules.yml"])["groups"]
+             for r in g["rules"]]
+    adapter = yaml.safe_load(_infra_doc(docs, "ConfigMap", "adapter-config")["data"]["config.yaml"])["rules"]
+    counters = [l.split(",")[0].strip() for l in
+                _infra_doc(docs, "ConfigMap", "dcgm-counters")["data"]["counters.csv"].splitlines() if l.strip()]
+    hpa = _infra_doc(docs, "HorizontalPodAutoscaler", "vllm")
+    return docs, panels, rules, adapter, counters, hpa
+
+
+def _infra_adapter_names(adapter):
+    """prometheus-adapter's renaming: each rule's series name through name.matches -> name.as."""
+    out = {}
+    for rule in adapter:
+        series = re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", rule["seriesQuery"].strip("'")).group()
+        renamed = re.sub(rule["name"]["matches"], rule["name"]["as"].replace("${", "\\g<").replace("}", ">"), series)
+        out[renamed] = series
+    return out
+
+
+def test_infra_dashboard_and_hpa_name_existing_metrics():
+    docs, panels, rules, adapter, counters, hpa = _infra_monitoring()
+    assert set(counters) <= INFRA_DCGM_FIELDS, set(counters) - INFRA_DCGM_FIELDS
+    families = INFRA_VLLM_METRICS | set(counters)
+    assert len(panels) >= 6
+    for where, expr in panels + rules:
+        names = _infra_promql_metrics(expr)
+        assert names, (where, expr)
+        for n in names:
+            assert _infra_metric_family(n, families), f"{where}: {expr} reads {n}, which nothing exposes"
+    renamed = _infra_adapter_names(adapter)
+    assert renamed["vllm_num_requests_waiting"] == "vllm:num_requests_waiting"
+    for series in renamed.values():
+        assert series in families, series
+    hpa_metrics = {m[m["type"].lower()]["metric"]["name"]: m for m in hpa["spec"]["metrics"]}
+    assert "vllm_num_requests_waiting" in hpa_metrics
+    rule_of = {n: next(r for r in adapter if r["seriesQuery"].strip("'").startswith(s)) for n, s in renamed.items()}
+    for name, m in hpa_metrics.items():
+        assert name in renamed, f"HPA metric {name} is not served by any adapter rule"
+        resources = {v["resource"] for v in rule_of[name]["resources"]["overrides"].values()}
+        if m["type"] == "Object":  # the adapter must map the series onto the described object's kind
+            assert m["object"]["describedObject"]["kind"].lower() in resources, (name, resources)
+        else:
+            assert "pod" in resources, (name, resources)
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "vllm" and hpa["apiVersion"] == "autoscaling/v2"
+    # The labels the adapter maps vLLM series by come from the scrape config (vLLM does not set them);
+    # DCGM's namespace/pod come from the exporter itself, kept by honor_labels.
+    prom = yaml.safe_load(_infra_doc(docs, "ConfigMap", "prometheus")["data"]["prometheus.yml"])
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    added = {r.get("target_label") for r in jobs["vllm"].get("relabel_configs", [])}
+    for name, series in renamed.items():
+        labels = set(rule_of[name]["resources"]["overrides"])
+        if series.startswith("vllm:"):
+            assert labels <= added, (name, labels, added)
+        else:
+            assert jobs["dcgm-exporter"]["honor_labels"] is True
+    dcgm = _infra_doc(docs, "DaemonSet", "dcgm-exporter")["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "DCGM_EXPORTER_KUBERNETES", "value": "true"} in dcgm["env"]
+    # The negative control: a panel on a metric nobody exposes is caught.
+    assert not _infra_metric_family("vllm:gpu_cache_usage_perc", families)
+    assert _infra_promql_metrics('sum by (pod) (rate(vllm:prompt_tokens_total{pod="a"}[1m])) / on(pod) x') == \
+        {"vllm:prompt_tokens_total", "x"}
+
+
+def _infra_promtool():
+    exe = shutil.which("promtool")
+    if exe is None:
+        if os.environ.get("CI"):
+            raise AssertionError("promtool missing: .ci/run installs Debian's prometheus package")
+        pytest.skip("promtool not installed (apt-get install prometheus); CI installs it")
+    return exe
+
+
+def test_infra_prometheus_config_and_rules_pass_promtool(tmp_path):
+    promtool = _infra_promtool()
+    docs, panels, rules, adapter, counters, hpa = _infra_monitoring()
+    data = _infra_doc(docs, "ConfigMap", "prometheus")["data"]
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    mount = next(m["mountPath"] for m in _infra_doc(docs, "Deployment", "prometheus")["spec"]["template"]["spec"]
+                 ["containers"][0]["volumeMounts"] if m["name"] == "config")
+    # The ConfigMap is mounted at /etc/prometheus in the pod; here it lives in tmp_path.
+    (tmp_path / "prometheus.yml").write_text(data["prometheus.yml"].replace(mount + "/", str(tmp_path) + "/"))
+    r = _infra_run([promtool, "check", "config", str(tmp_path / "prometheus.yml")], check=False)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout + r.stderr, r.stdout + r.stderr
+    r = _infra_run([promtool, "check", "rules", str(tmp_path / "rules.yml")], check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The adapter's metricsQuery templates, instantiated as prometheus-adapter does, and every Grafana
+    # query: each must be valid PromQL (promtool parses them as recording rules).
+    exprs = []
+    for rule in adapter:
+        series = re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", rule["seriesQuery"].strip("'")).group()
+        exprs.append(rule["metricsQuery"].replace("<<.Series>>", series)
+                     .replace("<<.LabelMatchers>>", 'namespace="infinitecontext",pod=~"vllm-.*"')
+                     .replace("<<.GroupBy>>", "pod"))
+    exprs += [e for _, e in panels]
+    check = {"groups": [{"name": "queries", "rules": [{"record": f"infinitecontext:q{i}", "expr": e}
+                                                       for i, e in enumerate(exprs)]}]}
+    (tmp_path / "queries.yml").write_text(yaml.safe_dump(check))
+    r = _infra_run([promtool, "check", "rules", str(tmp_path / "queries.yml")], check=False)
+    assert r.returncode == 0 and f"{len(exprs)} rules found" in r.stdout, r.stdout + r.stderr
+    # promtool is live: a broken query fails.
+    (tmp_path / "broken.yml").write_text(yaml.safe_dump(
+        {"groups": [{"name": "x", "rules": [{"record": "x:y", "expr": "sum(rate(vllm:prompt_tokens_total[1m])"}]}]}))
+    assert _infra_run([promtool, "check", "rules", str(tmp_path / "broken.yml")], check=False).returncode != 0
+
+
+def _infra_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _infra_get(url, data=None, timeout=10):
+    req = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+@pytest.fixture(scope="module")
+def infra_serve_py(tmp_path_factory):
+    """serve.py started with the manifest's serve-py command (model path and port made local)."""
+    if not os.path.exists(os.path.join(ROOT, "serve.py")):
+        pytest.skip("serve.py not present yet")
+    import model as ic_model
+    tmp = tmp_path_factory.mktemp("infra-serve")
+    torch.manual_seed(0)
+    ic_model.save_checkpoint(str(tmp / "ckpt.pt"), ic_model.Transformer(ic_model.PRESETS["tiny"]))
+    dep = _infra_doc(_infra_manifest(), "Deployment", "vllm")
+    ann = dep["metadata"]["annotations"]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    model_path = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "models")
+    port = _infra_free_port()
+    cmd = ann["infinitecontext/serve-py-command"].split()
+    assert cmd[:2] == ["python", "serve.py"] and f"--ckpt={model_path}" in cmd and "--port=8000" in cmd
+    cmd = [sys.executable if a == "python" else a.replace(f"--ckpt={model_path}", f"--ckpt={tmp / 'ckpt.pt'}")
+           .replace("--port=8000", f"--port={port}").replace("--host=0.0.0.0", "--host=127.0.0.1") for a in cmd]
+    log = open(tmp / "serve.log", "w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            assert proc.poll() is None, open(tmp / "serve.log").read()[-3000:]
+            try:
+                return _infra_get(base + "/health", timeout=2)[0] == 200
+            except OSError:
+                return False
+        _infra_wait(up, 180, "serve.py /health")
+        yield {"base": base, "deployment": dep}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def test_infra_metrics_exist_in_serve_py(infra_serve_py):
+    base = infra_serve_py["base"]
+    model_id = json.loads(_infra_get(base + "/v1/models")[1])["data"][0]["id"]
+    # One request, so that every labelled family (histograms included) has a child to expose.
+    status, _ = _infra_get(base + "/v1/completions", {"model": model_id, "prompt": "hello", "max_tokens": 2})
+    assert status == 200
+    status, text = _infra_get(base + "/metrics")
+    exposed = {}
+    for line in text.splitlines():
+        m = re.match(r"([A-Za-z_:][A-Za-z0-9_:]*)(\{[^}]*\})?\s", line)
+        if m and not line.startswith("#"):
+            exposed.setdefault(m.group(1), []).append(m.group(2) or "")
+    _, panels, rules, adapter, counters, hpa = _infra_monitoring()
+    vllm_names = {n for _, e in panels + rules for n in _infra_promql_metrics(e) if n.startswith("vllm:")}
+    vllm_names |= {s for s in _infra_adapter_names(adapter).values() if s.startswith("vllm:")}
+    for n in vllm_names:
+        assert n in exposed, f"{n} is queried but serve.py's /metrics lacks it"
+        assert all("model_name=" in lbl for lbl in exposed[n]), (n, exposed[n])
+
+
+def _infra_embedded_manifest():
+    """k8s.yaml with the vllm container's image and command swapped for the serve-py annotations."""
+    docs = _infra_manifest()
+    dep = _infra_doc(docs, "Deployment", "vllm")
+    ann = dep["metadata"]["annotations"]
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    before = json.loads(json.dumps(c))
+    c["image"] = ann["infinitecontext/serve-py-image"]
+    c["command"] = ann["infinitecontext/serve-py-command"].split()
+    return docs, c, before
+
+
+def test_infra_same_manifest_embedded_engine_validates(tmp_path):
+    docs, c, before = _infra_embedded_manifest()
+    assert {k for k in c if c[k] != before[k]} == {"image", "command"} and "args" not in c
+    (tmp_path / "embedded.yaml").write_text(yaml.safe_dump_all(docs))
+    rc, out = _infra_validate(str(tmp_path / "embedded.yaml"), "1.30.0")
+    assert rc == 0, out
+    # serve.py's flags agree with what the rest of the manifest expects of the container.
+    model_path = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "models")
+    assert c["command"][:2] == ["python", "serve.py"]
+    assert f"--ckpt={model_path}" in c["command"] and f"--port={c['ports'][0]['containerPort']}" in c["command"]
+    assert "--host=0.0.0.0" in c["command"]  # the kubelet probes and the Service reach the pod IP
+
+
+def test_infra_same_manifest_serves_embedded_engine(infra_serve_py):
+    """serve.py, started with the manifest's command, answers the kubelet's probes and the API."""
+    docs, c, before = _infra_embedded_manifest()
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        status, _ = _infra_get(infra_serve_py["base"] + c[probe]["httpGet"]["path"])
+        assert status == 200, probe
+    status, body = _infra_get(infra_serve_py["base"] + "/v1/models")
+    assert status == 200 and json.loads(body)["data"]

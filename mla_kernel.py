@@ -1,0 +1,319 @@
+"""Fused MLA decode on a paged latent cache, in Triton (flash-decoding), plus its PyTorch reference.
+
+One decode step of DeepSeek-V3 multi-head latent attention in the absorbed form: each head's query
+has already been multiplied into the latent space (q_lat = q_nope . W_UK), so every head attends
+over the SAME cached rows [c | k_pe] and the output stays latent (o_lat, later multiplied by W_UV):
+
+    scores[b,h,t] = (q_lat[b,h] . c[b,t] + q_pe[b,h] . k_pe[b,t]) * sm_scale     t < seq_lens[b]
+    o_lat[b,h]    = softmax_t(scores[b,h]) . c[b,t]
+
+The cache is paged (vLLM / FlashMLA layout): cache (num_blocks, page, R+P), and token t of row b
+lives at cache[block_table[b, t // page], t % page]. A row with seq_lens[b] == 0 attends to
+nothing; we define its output as zeros (the empty sum), never NaN.
+
+Kernel plan (the same as FlashMLA and vLLM's triton MLA decode, written from scratch here):
+  stage 1, grid (head groups, batch, KV splits): a program loads one group of up to 64 heads'
+    queries once, then streams its split of latent rows through SRAM BLOCK_N rows at a time
+    (block-table lookup per row), scores with tl.dot, online softmax in fp32 (base 2), and
+    o += P . c with tl.dot. All heads of the group share each tile, so with H <= 64 the cache is
+    read once per step; with 128 heads the two groups of a (row, split) are launched next to each
+    other so the second read mostly hits L2. It writes a partial o and its log-sum-exp.
+  stage 2, grid (heads, batch): merge the splits by log-sum-exp (skipped when there is one split).
+The split count comes from batch x head groups against the SM count, so that B=1 at 128k still
+fills the GPU, and from the cache capacity (the block table's width), not from seq_lens: no host
+sync, so the call can be captured in a CUDA graph (call it once before capturing: JIT compile).
+
+This file imports nothing from the rest of the repo.
+"""
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost (queries, partial o, merge) outweighs its parallelism
+
+
+# ----------------------------------------------------------------------------- stage 1: one KV split
+
+@triton.jit
+def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                 R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
+    W: tl.constexpr = R + P
+    offs_t = tl.arange(0, BLOCK_N)
+    if BLOCK_N <= PAGE:
+        # the tile lies inside one page: one block-table entry, and every row at a compile-time
+        # offset from it (rows of a page are contiguous), so no per-row pointer registers
+        page = tl.load(bt_row + n0 // PAGE)
+        row_ptr = Cache + page.to(tl.int64) * s_cb + (n0 % PAGE) * W + offs_t * W      # (BN,)
+    else:
+        # small pages: look up each row's page (int64: caches exceed 2^31 elements)
+        offs_n = n0 + offs_t
+        if MASKED:
+            page = tl.load(bt_row + offs_n // PAGE, mask=offs_n < end, other=0)
+        else:
+            page = tl.load(bt_row + offs_n // PAGE)
+        row_ptr = Cache + page.to(tl.int64) * s_cb + (offs_n % PAGE) * W               # (BN,)
+    c_ptr = row_ptr[:, None] + tl.arange(0, R)[None, :]                                 # (BN, R)
+    pe_ptr = row_ptr[:, None] + R + tl.arange(0, P)[None, :]                            # (BN, P)
+    if MASKED:
+        valid = n0 + offs_t < end
+        c = tl.load(c_ptr, mask=valid[:, None], other=0.0)
+        k_pe = tl.load(pe_ptr, mask=valid[:, None], other=0.0)
+    else:
+        c = tl.load(c_ptr)
+        k_pe = tl.load(pe_ptr)
+    if UPCAST:
+        c = c.to(tl.float32)
+        k_pe = k_pe.to(tl.float32)
+    # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
+    qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale          # (BH, BN)
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
+    alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
+    p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                               # (BH, R)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _mla_split_kernel(
+    QL, QP, Cache, BlockTable, SeqLens, OPart, LsePart, Out,
+    qk_scale,            # sm_scale * log2(e): softmax in base 2 (exp2 is one MUFU op)
+    H, split_tokens,
+    s_qlb, s_qlh, s_qpb, s_qph, s_cb, s_bt,
+    s_ob, s_oh, s_os, s_lb, s_lh, s_outb, s_outh,
+    R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
+    UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
+):
+    g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together (L2)
+    b = tl.program_id(1)
+    s = tl.program_id(2)
+    heads = g * BLOCK_H + tl.arange(0, BLOCK_H)                                 # (BH,)
+    hmask = heads < H
+    offs_r = tl.arange(0, R)
+    offs_p = tl.arange(0, P)
+
+    seq_len = tl.load(SeqLens + b)
+    start = s * split_tokens                     # a multiple of 64, so tiles never straddle a page
+    end = tl.minimum(seq_len, start + split_tokens)
+    n_full = start + tl.maximum(end - start, 0) // BLOCK_N * BLOCK_N  # whole tiles need no masks
+
+    q_lat = tl.load(QL + b * s_qlb + heads[:, None] * s_qlh + offs_r[None, :],
+                    mask=hmask[:, None], other=0.0)                               # (BH, R)
+    q_pe = tl.load(QP + b * s_qpb + heads[:, None] * s_qph + offs_p[None, :],
+                   mask=hmask[:, None], other=0.0)                                # (BH, P)
+    if UPCAST:
+        q_lat = q_lat.to(tl.float32)
+        q_pe = q_pe.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of scores (base-2 units)
+    l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
+    bt_row = BlockTable + b * s_bt
+    for n0 in range(start, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, False, UPCAST)
+    if n_full < end:
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, True, UPCAST)
+
+    # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    if DIRECT:
+        tl.store(Out + b * s_outb + heads[:, None] * s_outh + offs_r[None, :],
+                 o.to(Out.dtype.element_ty), mask=hmask[:, None])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(OPart + b * s_ob + heads[:, None] * s_oh + s * s_os + offs_r[None, :], o,
+                 mask=hmask[:, None])
+        tl.store(LsePart + b * s_lb + heads * s_lh + s, lse, mask=hmask)
+
+
+# ----------------------------------------------------------------------------- stage 2: merge splits
+
+@triton.jit
+def _mla_merge_kernel(
+    OPart, LsePart, Out, num_splits,
+    s_ob, s_oh, s_os, s_lb, s_lh, s_outb, s_outh,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # grid (heads, batch, R / BLOCK_R): B=1 with hundreds of splits still spreads over many SMs
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    offs_r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_ptr = LsePart + b * s_lb + h * s_lh
+    o_ptr = OPart + b * s_ob + h * s_oh
+
+    m_vec = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m_vec = tl.maximum(m_vec, tl.load(lse_ptr + s0 + offs_s, mask=s0 + offs_s < num_splits,
+                                          other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (seq_len 0): all weights 0, o = 0
+
+    acc = tl.zeros([BLOCK_R], tl.float32)
+    den = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        smask = s0 + offs_s < num_splits
+        w = tl.exp2(tl.load(lse_ptr + s0 + offs_s, mask=smask, other=float("-inf")) - m)  # (BS,)
+        o = tl.load(o_ptr + (s0 + offs_s)[:, None] * s_os + offs_r[None, :], mask=smask[:, None],
+                    other=0.0)                                                             # (BS, BR)
+        acc += tl.sum(w[:, None] * o, 0)
+        den += w
+    d = tl.sum(den, 0)
+    out = acc / tl.where(d > 0, d, 1.0)
+    tl.store(Out + b * s_outb + h * s_outh + offs_r, out.to(Out.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- launch configuration
+
+# Tile configs, from sweeps on an H100 (results/kernel_notes.md), instead of triton.autotune: tuning
+# on the first call's shape picked configs up to 25% slower on long contexts, the autotuner of the
+# GPU image's Triton benchmarks even a single config (not allowed inside CUDA-graph capture), and a
+# fixed table gives the same kernel on every run. mla_decode(config=...) overrides it for sweeps.
+PROGRAMS_PER_SM = {16: 2, 32: 2, 64: 1}  # split target per head-group size: ~2 waves / 1 wave
+
+
+def launch_config(block_h, split_tokens, interpret=INTERPRET):
+    """(BLOCK_N, num_warps, num_stages) for stage 1.
+    Groups of <= 32 heads stream memory on mma.sync tiles in 4 warps: 64-row tiles when a program
+    owns >= 1024 tokens, 32-row tiles (shorter pipeline fill) when splits are short (B=1).
+    64-head groups are tensor-core bound (wgmma): 8 warps, so the (64, 512) fp32 accumulator costs
+    128 registers a thread (4 warps spill), 64-row tiles, 2 stages (~220 KB of shared memory)."""
+    if interpret:  # warps and stages mean nothing to the interpreter
+        return 32, 4, 1
+    if block_h <= 32:
+        return (64 if split_tokens >= 1024 else 32), 4, 2
+    return 64, 8, 2
+
+
+def head_group(H):
+    """Heads per program: all of them up to 64 (tl.dot needs M >= 16); 128 heads make 2 groups."""
+    return min(64, max(16, triton.next_power_of_2(H)))
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device):
+    if device.type != "cuda":
+        return 8  # CPU interpreter: a pretend GPU, so tests exercise several splits
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_kv_splits(batch, head_groups, capacity, num_sms, ctas_per_sm=1):
+    """KV splits per (row, head group): enough programs to fill one wave of the GPU (num_sms x
+    ctas_per_sm) when batch x groups alone cannot (B=1 at 128k needs one or two splits per SM),
+    no split under MIN_SPLIT_TOKENS tokens, and one split once the batch fills the GPU by itself."""
+    programs = batch * head_groups
+    slots = num_sms * ctas_per_sm
+    if programs >= slots:
+        return 1
+    return max(1, min(slots // programs, triton.cdiv(capacity, MIN_SPLIT_TOKENS)))
+
+
+def _check(q_lat, q_pe, cache, block_table, seq_lens):
+    if q_lat.dim() != 3 or q_pe.dim() != 3 or cache.dim() != 3:
+        raise ValueError("expected q_lat (B,H,R), q_pe (B,H,P), cache (num_blocks, page, R+P)")
+    B, H, R = q_lat.shape
+    P = q_pe.shape[-1]
+    page = cache.shape[1]
+    if q_pe.shape[:2] != (B, H):
+        raise ValueError(f"q_pe batch/heads {tuple(q_pe.shape[:2])} != q_lat's {(B, H)}")
+    if cache.shape[2] != R + P:
+        raise ValueError(f"cache width {cache.shape[2]} != R + P = {R} + {P}")
+    for name, n in (("R (kv_lora_rank)", R), ("P (rope dim)", P), ("page size", page)):
+        if n < 16 or n & (n - 1):
+            raise ValueError(f"{name} = {n}: must be a power of two >= 16")
+    if not 1 <= H <= 128:
+        raise ValueError(f"heads = {H}: must be 1..128")
+    if q_lat.dtype not in (torch.bfloat16, torch.float16) or q_pe.dtype != q_lat.dtype or cache.dtype != q_lat.dtype:
+        raise ValueError(f"q_lat, q_pe and cache must all be bf16 or fp16, got {q_lat.dtype}, {q_pe.dtype}, {cache.dtype}")
+    if block_table.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_table and seq_lens must be int32")
+    if block_table.dim() != 2 or block_table.shape[0] != B or tuple(seq_lens.shape) != (B,):
+        raise ValueError(f"block_table must be (B, max_pages) and seq_lens (B,), with B = {B}")
+    if q_lat.stride(-1) != 1 or q_pe.stride(-1) != 1 or block_table.stride(-1) != 1:
+        raise ValueError("the last dimension of q_lat, q_pe and block_table must be contiguous")
+    if cache.stride(2) != 1 or cache.stride(1) != R + P:
+        raise ValueError("each cache page must be contiguous (page, R+P) rows; blocks may be strided")
+
+
+def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, num_splits=None, config=None):
+    """One MLA decode step over a paged latent cache. Returns o_lat (B, H, R) in q_lat's dtype.
+
+    q_lat (B,H,R), q_pe (B,H,P): queries, already absorbed / roped. cache (num_blocks, page, R+P):
+    [latent c | roped k_pe] rows. block_table (B, max_pages) int32; seq_lens (B,) int32, each
+    <= max_pages * page (not checked: that would need a host sync). Rows with seq_lens 0 give 0.
+    out: optional (B,H,R) buffer to write into. num_splits / config=(BLOCK_N, num_warps,
+    num_stages): overrides for tuning; by default they come from num_kv_splits and launch_config.
+    No host sync and no benchmarking inside: the call can be captured in a CUDA graph (compile it
+    once outside the capture: Triton JIT-compiles on the first call of each shape class).
+    """
+    _check(q_lat, q_pe, cache, block_table, seq_lens)
+    B, H, R = q_lat.shape
+    P = q_pe.shape[-1]
+    page = cache.shape[1]
+    if out is None:
+        out = torch.empty_like(q_lat)
+    BLOCK_H = head_group(H)
+    groups = triton.cdiv(H, BLOCK_H)
+    capacity = block_table.shape[1] * page
+    if num_splits is None:
+        num_splits = num_kv_splits(B, groups, capacity, _num_sms(q_lat.device), PROGRAMS_PER_SM[BLOCK_H])
+    # whole tiles per split (64 = the largest BLOCK_N), then drop splits that would start past the end
+    split_tokens = triton.cdiv(triton.cdiv(max(capacity, 1), num_splits), 64) * 64
+    num_splits = max(1, triton.cdiv(capacity, split_tokens))
+    direct = num_splits == 1
+    if direct:
+        o_part = lse = out  # unused by the kernel
+        s_ob = s_oh = s_os = s_lb = s_lh = 0
+    else:
+        o_part = torch.empty(B, H, num_splits, R, device=q_lat.device, dtype=torch.float32)
+        lse = torch.empty(B, H, num_splits, device=q_lat.device, dtype=torch.float32)
+        s_ob, s_oh, s_os, s_lb, s_lh = *o_part.stride()[:3], *lse.stride()[:2]
+    args = (q_lat, q_pe, cache, block_table, seq_lens, o_part, lse, out,
+            sm_scale * 1.4426950408889634, H, split_tokens,
+            q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+            cache.stride(0), block_table.stride(0),
+            s_ob, s_oh, s_os, s_lb, s_lh, out.stride(0), out.stride(1))
+    grid = (groups, B, num_splits)
+    upcast = q_lat.device.type != "cuda"
+    bn, warps, stages = config or launch_config(BLOCK_H, split_tokens, INTERPRET or upcast)
+    _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
+                            UPCAST=upcast, num_warps=warps, num_stages=stages)
+    if not direct:
+        block_r = min(R, 64)
+        _mla_merge_kernel[(H, B, R // block_r)](o_part, lse, out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh,
+                                                out.stride(0), out.stride(1), BLOCK_R=block_r, BLOCK_S=32,
+                                                num_warps=4)
+    return out
+
+
+def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
+    """Plain PyTorch, same signature and semantics: row by row, gather the first seq_lens[b]
+    cached rows through the block table, softmax in at least fp32, o = P . c. Slow (host loop)."""
+    B, H, R = q_lat.shape
+    page = cache.shape[1]
+    dt = torch.promote_types(q_lat.dtype, torch.float32)
+    flat = cache.reshape(-1, cache.shape[-1])                                  # (num_blocks*page, R+P)
+    out = torch.zeros(B, H, R, dtype=dt, device=q_lat.device)
+    for b, n in enumerate(seq_lens.tolist()):
+        if n == 0:
+            continue
+        t = torch.arange(n, device=cache.device)
+        rows = flat[block_table[b, t // page].long() * page + t % page].to(dt)  # (n, R+P)
+        c, k_pe = rows[:, :R], rows[:, R:]
+        scores = (torch.einsum("hr,tr->ht", q_lat[b].to(dt), c)
+                  + torch.einsum("hp,tp->ht", q_pe[b].to(dt), k_pe)) * sm_scale  # (H, n)
+        out[b] = torch.einsum("ht,tr->hr", torch.softmax(scores, dim=-1), c)
+    return out.to(q_lat.dtype)

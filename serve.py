@@ -1,0 +1,1159 @@
+"""
+OpenAI-compatible server for InfiniteContext: continuous batching on the paged latent cache.
+
+    python serve.py --ckpt=out/tiny/ckpt.pt --port=8000          # the embedded engine
+    python serve.py --ckpt=... --export=hf/small                   # write the Hugging Face export, exit
+    python serve.py --ckpt=... --backend=vllm --port=8000          # export, then `vllm serve` it
+
+Read top to bottom: config, sampling, the engine (scheduler + block allocator + model runner, one
+background thread), metrics (vLLM's names), the HTTP API (FastAPI), a load generator (stdlib HTTP
+clients: bench.py serve and the robustness run drive the server with it), the command line.
+
+The engine, in one paragraph (vLLM's scheduler, gpt-fast's static buffers): one kv pool of
+(layers, num_blocks, page, width) is allocated at start. A request is admitted (FCFS) when the
+free blocks hold its whole prompt; each step then runs ONE batched decode forward (T=1, ragged
+seq_lens, absorbed MLA: mla_kernel on CUDA) for every running sequence, and spends what is left
+of the token budget on prefill chunks (rows grouped by equal cached length, as model.forward
+needs). A sequence that needs a new block when none is free preempts the newest running one
+(vLLM's recompute: its blocks are freed, it re-queues at the front with prompt + output so far).
+Blocks go back when a sequence finishes or its client goes away. The HTTP handlers never touch
+the model: they submit requests and read outputs from an asyncio.Queue the engine fills through
+loop.call_soon_threadsafe, so a slow client never stalls decoding.
+"""
+import asyncio
+import codecs
+import json
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, fields
+from typing import Annotated, Literal
+
+import torch
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics,
+                               generate_latest)
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import model as M
+
+
+@dataclass
+class ServeConfig:
+    ckpt: str = ""                      # default: checkpoints/infinitecontext-small, else out/tiny/ckpt.pt
+    host: str = "127.0.0.1"             # 0.0.0.0 to serve other machines
+    port: int = 8000
+    served_model_name: str = ""         # default: the checkpoint's folder (or file) name
+    api_key: str = ""                   # require 'Authorization: Bearer KEY' on /v1 (default: $VLLM_API_KEY)
+    device: str = ""                    # default: cuda if available, else cpu
+    threads: int = 0                    # CPU only: torch threads; 0: all cores but one (that one runs HTTP)
+    dtype: str = "auto"                 # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16, float64
+    max_model_len: int = 0              # prompt + completion limit; 0: max_position_embeddings, capped by the cache
+    page: int = 64                      # tokens per cache block
+    num_blocks: int = 0                 # cache blocks; 0: from --kv_cache_tokens
+    kv_cache_tokens: int = 0            # cache size in tokens; 0: half the free GPU memory, or 256 MiB on CPU
+    max_num_seqs: int = 64              # running sequences (the decode batch)
+    max_num_batched_tokens: int = 2048  # tokens one engine step may feed (decode + prefill chunks)
+    max_queue: int = 1024               # waiting requests; beyond this a request gets 503 + Retry-After
+    drain_timeout: int = 600            # seconds SIGTERM waits for running requests before it cancels them
+    access_log: bool = False            # uvicorn's line per request (on stdout)
+    export: str = ""                    # write the Hugging Face export to this folder and exit (or: for --backend=vllm)
+    backend: str = "embedded"           # embedded, or vllm: export, then exec `vllm serve`
+
+
+SAMPLING_EPS = 1e-5   # temperatures below this are greedy (vLLM's threshold): 1/T would overflow
+
+
+# ----------------------------------------------------------------------------- sampling
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                      # 0 or -1: off
+    stop: list = field(default_factory=list)   # strings; the text ends before the first match
+    seed: int | None = None
+    repetition_penalty: float = 1.0     # vLLM's: logits of seen tokens (prompt + output) / p if > 0, else * p
+    presence_penalty: float = 0.0       # OpenAI's: - p if the token is in the output
+    frequency_penalty: float = 0.0      # OpenAI's: - p * count in the output
+    ignore_eos: bool = False            # vLLM's: do not stop at <|im_end|> / <|endoftext|> (benchmarks)
+
+    @property
+    def penalized(self):
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+def sample_rows(logits, params, generators):
+    """logits (B, V), one SamplingParams and torch.Generator per row -> token ids (B,).
+    Greedy rows take the argmax. Sampled rows: temperature, then top-k, then top-p (model.sample's
+    order and rules), then the exponential race argmax(p / E), E ~ Exp(1) drawn from the row's own
+    generator: a sample from p that depends only on that request's seed, not on its batch mates."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    out = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if p.temperature >= SAMPLING_EPS]
+    if not rows:
+        return out
+    B, V = len(rows), logits.shape[-1]
+    dev = logits.device
+    temp = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=dev)
+    k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in rows], device=dev)
+    top_p = torch.tensor([params[i].top_p for i in rows], dtype=logits.dtype, device=dev)
+    sorted_l, order = (logits[rows] / temp[:, None]).sort(-1, descending=True)       # (B, V)
+    sorted_l = sorted_l.masked_fill(sorted_l < sorted_l.gather(1, k[:, None] - 1), float("-inf"))
+    p_sorted = sorted_l.softmax(-1)
+    sorted_l = sorted_l.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p[:, None], float("-inf"))
+    probs = torch.empty_like(sorted_l).scatter_(-1, order, sorted_l.softmax(-1))   # (B, V)
+    q = torch.stack([torch.empty(V, dtype=probs.dtype, device=dev).exponential_(generator=generators[i])
+                     for i in rows])
+    out[rows] = (probs / q.clamp_min(1e-20)).argmax(-1)  # p = 0 never wins; E = 0 (rounding) cannot give NaN
+    return out
+
+
+def apply_penalties(logits, seen, counts, p):
+    """One row: logits (V,), seen (V,) bool (prompt or output), counts (V,) output counts."""
+    if p.repetition_penalty != 1.0:
+        pen = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(seen, pen, logits)
+    return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+# ----------------------------------------------------------------------------- the engine
+@dataclass
+class Output:
+    """What the engine tells a client after a step: the new text and tokens, and at the end why it stopped."""
+    text: str
+    token_ids: list
+    finish_reason: str | None = None    # stop, length, abort (client gone / shutdown), error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class Request:
+    prompt: list                        # token ids
+    params: SamplingParams
+    sink: object = None                 # whatever the engine's deliver() callback needs (an asyncio.Queue)
+    id: str = ""
+    ids: list = None                    # prompt + generated tokens
+    num_computed: int = 0               # tokens of ids in the cache; the rest still has to be fed
+    blocks: list = field(default_factory=list)
+    generator: torch.Generator = None
+    text: str = ""                      # decoded output (stop strings cut)
+    sent: int = 0                       # characters of text already delivered
+    arrival: float = 0.0
+    first_token: float | None = None
+    last_token: float = 0.0
+    decoder: object = None              # incremental UTF-8: a character may span several byte tokens
+    aborted: bool = False
+    finish_reason: str | None = None
+    seen: torch.Tensor = None           # penalties only: (V,) bool, (V,) counts
+    counts: torch.Tensor = None
+
+    @property
+    def num_generated(self):
+        return len(self.ids) - len(self.prompt)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Engine:
+    """Scheduler, block allocator and model runner. submit()/abort() are thread-safe; step() runs in
+    the engine thread (or directly, in tests). deliver(list of (request, Output)) is called once per step."""
+
+    def __init__(self, model, cfg, metrics=None, deliver=None):
+        self.model, self.cfg = model, cfg
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        mc = model.config
+        self.kv = torch.zeros(mc.num_hidden_layers, cfg.num_blocks, cfg.page, M.cache_width(mc),
+                              dtype=self.dtype, device=self.device)              # (L, num_blocks, page, width)
+        self.free = list(range(cfg.num_blocks - 1, -1, -1))                      # a stack: pop() -> lowest first
+        self.inbox, self.waiting, self.running = deque(), deque(), []
+        self.metrics, self.deliver = metrics, deliver or (lambda batch: None)
+        self.outbox = []
+        self.stop_ids = set(M.STOP_IDS)
+        self._wake, self._stopping, self.thread = threading.Event(), False, None
+        self.num_preemptions = 0
+
+    # ---- client side (any thread)
+    def submit(self, prompt, params, sink=None):
+        if self._stopping or len(self.inbox) + len(self.waiting) >= self.cfg.max_queue:
+            raise QueueFull()
+        r = Request(list(prompt), params, sink, id=uuid.uuid4().hex, ids=list(prompt), arrival=time.perf_counter())
+        r.generator = torch.Generator(self.device)
+        r.generator.manual_seed(params.seed % 2**64 if params.seed is not None else secrets.randbits(63))
+        self.inbox.append(r)
+        self._wake.set()
+        return r
+
+    def abort(self, r):
+        """Free the request's blocks at the next step (client disconnected). No-op once it has finished."""
+        if r.finish_reason is None:
+            r.aborted = True
+            self._wake.set()
+
+    def kv_usage(self):
+        return 1.0 - len(self.free) / self.cfg.num_blocks
+
+    # ---- the thread
+    def start(self):
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        self._stopping = True
+        self._wake.set()
+        if self.thread is not None:
+            self.thread.join()
+
+    def alive(self):
+        return self.thread is not None and self.thread.is_alive()
+
+    def _loop(self):
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)   # the current device is per thread
+        with torch.inference_mode():
+            while not self._stopping:
+                self._wake.clear()     # before step(): a submit() during the step sets it again
+                try:
+                    busy = self.step()
+                except Exception:      # a failed forward must not kill the server: fail the batch, go on
+                    traceback.print_exc()
+                    for r in list(self.running):
+                        self._finish(r, "error")
+                    self._flush()
+                    busy = False
+                if not busy:
+                    self._wake.wait(0.1)
+            for r in list(self.running) + list(self.waiting) + list(self.inbox):
+                self._finish(r, "abort")
+            self._flush()
+
+    # ---- one step (engine thread only)
+    @torch.inference_mode()
+    def step(self):
+        """Admit, decode every running sequence one token, prefill chunks with the rest of the token
+        budget. Returns False when there was nothing to do."""
+        while self.inbox:
+            self.waiting.append(self.inbox.popleft())
+        for r in [r for r in list(self.waiting) + self.running if r.aborted]:
+            self._finish(r, "abort")
+        self._admit()
+        decodes, prefills = self._schedule()
+        if decodes:
+            self._decode(decodes)
+        groups = {}
+        for r, n in prefills:   # model.forward prefills rows of one cached length and one chunk length
+            groups.setdefault((r.num_computed, n), []).append(r)
+        for (_, n), rows in groups.items():
+            self._prefill(rows, n)
+        self._flush()
+        return bool(decodes or prefills or self.waiting)
+
+    def _blocks_for(self, n_tokens):
+        return -(-n_tokens // self.cfg.page)
+
+    def _admit(self):
+        # FCFS; keep one free block per running sequence so that admitting does not force a preemption
+        while self.waiting and len(self.running) < self.cfg.max_num_seqs:
+            r = self.waiting[0]
+            need = self._blocks_for(len(r.ids))
+            if need + len(self.running) > len(self.free) and self.running:
+                break
+            if need > len(self.free):
+                break
+            self.waiting.popleft()
+            r.blocks = [self.free.pop() for _ in range(need)]
+            r.num_computed = 0
+            self.running.append(r)
+
+    def _schedule(self):
+        budget, decodes, prefills = self.cfg.max_num_batched_tokens, [], []
+        for r in list(self.running):                         # oldest first: the newest get preempted
+            if r not in self.running or len(r.ids) - r.num_computed != 1:
+                continue
+            if r.num_computed + 1 > len(r.blocks) * self.cfg.page and not self._grow(r):
+                continue
+            decodes.append(r)
+            budget -= 1
+        for r in self.running:
+            left = len(r.ids) - r.num_computed
+            if left > 1 and budget > 0:
+                prefills.append((r, min(left, budget)))
+                budget -= prefills[-1][1]
+        return decodes, prefills
+
+    def _grow(self, r):
+        """One more block for r, preempting the newest running sequences if none is free."""
+        while not self.free:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is r:
+                return False
+        r.blocks.append(self.free.pop())
+        return True
+
+    def _preempt(self, r):
+        self.running.remove(r)
+        self.free.extend(reversed(r.blocks))
+        r.blocks, r.num_computed = [], 0
+        self.waiting.appendleft(r)   # recompute prompt + output so far when blocks free up
+        self.num_preemptions += 1
+        if self.metrics:
+            self.metrics.preemptions.inc()
+
+    def _table(self, rows, n_tokens):
+        pages = self._blocks_for(n_tokens)
+        table = [r.blocks[:pages] + [0] * (pages - len(r.blocks[:pages])) for r in rows]
+        return torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
+
+    def _decode(self, rows):
+        idx = torch.tensor([[r.ids[-1]] for r in rows]).to(self.device, non_blocking=True)             # (B, 1)
+        lens = [r.num_computed for r in rows]
+        cache = M.Cache(self.kv, self._table(rows, max(lens) + 1),
+                        torch.tensor(lens, dtype=torch.int32).to(self.device, non_blocking=True))
+        logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
+        for r in rows:
+            r.num_computed += 1
+        self._sample(rows, logits)
+
+    def _prefill(self, rows, n):
+        c = rows[0].num_computed
+        idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
+        cache = M.Cache(self.kv, self._table(rows, c + n),
+                        torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True))
+        logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
+        for r in rows:
+            r.num_computed += n
+        done = [i for i, r in enumerate(rows) if r.num_computed == len(r.ids)]
+        if done:
+            self._sample([rows[i] for i in done], logits[done])
+
+    def _sample(self, rows, logits):
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))       # (B, V)
+        for i, r in enumerate(rows):
+            if r.params.penalized:
+                if r.seen is None:
+                    V = logits.shape[-1]
+                    r.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+                    r.seen[torch.tensor(r.prompt, device=self.device)] = True
+                    r.counts = torch.zeros(V, dtype=logits.dtype, device=self.device)
+                logits[i] = apply_penalties(logits[i], r.seen, r.counts, r.params)
+        toks = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows]).tolist()
+        for r, t in zip(rows, toks):
+            self._append(r, t)
+
+    def _append(self, r, t):
+        now, m, p = time.perf_counter(), self.metrics, r.params
+        r.ids.append(t)
+        if r.seen is not None:
+            r.seen[t] = True
+            r.counts[t] += 1
+        if m:
+            m.generation_tokens.inc()
+            if r.first_token is None:
+                m.prompt_tokens.inc(len(r.prompt))
+                m.ttft.observe(now - r.arrival)
+            else:
+                m.itl.observe(now - r.last_token)
+        if r.first_token is None:
+            r.first_token = now
+            r.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        r.last_token = now
+        if t in self.stop_ids and not p.ignore_eos:
+            r.text += r.decoder.decode(b"", final=True)
+            return self._finish(r, "stop", [t])
+        start = max(0, len(r.text) - max((len(s) for s in p.stop), default=0))
+        r.text += r.decoder.decode(bytes([t])) if t < 256 else ""             # special tokens print nothing
+        hits = [i for i in (r.text.find(s, start) for s in p.stop) if i >= 0]
+        if hits:
+            r.text = r.text[:min(hits)]
+            return self._finish(r, "stop", [t])
+        if r.num_generated >= p.max_tokens or len(r.ids) >= self.cfg.max_model_len:
+            r.text += r.decoder.decode(b"", final=True)
+            return self._finish(r, "length", [t])
+        # hold back what could still become a stop string
+        hold = max((len(s) for s in p.stop), default=1) - 1
+        upto = max(r.sent, len(r.text) - hold)
+        self.outbox.append((r, Output(r.text[r.sent:upto], [t])))
+        r.sent = upto
+
+    def _finish(self, r, reason, new=()):
+        if r.finish_reason is not None:
+            return
+        r.finish_reason = reason
+        if r in self.running:
+            self.running.remove(r)
+            self.free.extend(reversed(r.blocks))
+            r.blocks = []
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        self.outbox.append((r, Output(r.text[r.sent:], list(new), reason, len(r.prompt), r.num_generated)))
+        r.sent = len(r.text)
+        if self.metrics:
+            self.metrics.success.labels(self.metrics.name, reason).inc()
+            self.metrics.e2e.observe(time.perf_counter() - r.arrival)
+
+    def _flush(self):
+        if self.metrics:
+            m = self.metrics
+            m.running.set(len(self.running))
+            m.waiting.set(len(self.waiting) + len(self.inbox))
+            m.kv_usage.set(self.kv_usage())
+        if self.outbox:
+            batch, self.outbox = self.outbox, []
+            self.deliver(batch)
+
+
+# ----------------------------------------------------------------------------- metrics
+class Metrics:
+    """vLLM's metric names (so its Grafana dashboards and autoscalers work), each with a model_name label."""
+
+    def __init__(self, name):
+        disable_created_metrics()   # no *_created series: vLLM's exposition has none
+        self.name, self.registry = name, CollectorRegistry()
+        reg, L = self.registry, ["model_name"]
+
+        def gauge(n, doc):
+            return Gauge(n, doc, L, registry=reg).labels(name)
+
+        def counter(n, doc):
+            return Counter(n, doc, L, registry=reg).labels(name)
+
+        def hist(n, doc, buckets):
+            return Histogram(n, doc, L, buckets=buckets, registry=reg).labels(name)
+
+        self.running = gauge("vllm:num_requests_running", "Number of requests in model execution batches.")
+        self.waiting = gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_usage = gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Number of generation tokens processed.")
+        self.preemptions = counter("vllm:num_preemptions", "Cumulative number of preemptions from the engine.")
+        self.http = Counter("http_requests", "HTTP responses by status code (all routes).", ["status"], registry=reg)
+        self.success = Counter("vllm:request_success", "Count of finished requests.", ["model_name", "finished_reason"],
+                               registry=reg)
+        self.ttft = hist("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                         [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                          10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0])
+        self.itl = hist("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                        [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                         20.0, 40.0, 80.0])
+        self.e2e = hist("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                        [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                         240.0, 480.0, 960.0, 1920.0, 7680.0])
+
+
+# ----------------------------------------------------------------------------- HTTP API
+class APIModel(BaseModel):
+    # strict: JSON types as the schema says them (no "0.5" for a number, no false for a token id);
+    # NaN / Infinity are bad input, not a sampling crash
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def Int(**bounds):
+    """An integer as JSON Schema means it: 1.0 and 1e3 are integers too (strict pydantic alone refuses them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+VOCAB = M.ModelConfig().vocab_size    # every model here shares the one tokenizer: 256 bytes + 8 specials
+TokenIds = Annotated[list[Int(ge=0, lt=VOCAB)], Field(min_length=1)]
+
+
+def only_false(name):
+    """A boolean flag we do not support: false (or absent) only. (Literal[False] would let 0 through.)"""
+    def check(v):
+        if v:
+            raise ValueError(f"{name}=true is not supported")
+        return v
+    return Annotated[bool, AfterValidator(check), WithJsonSchema({"type": "boolean", "const": False})]
+
+
+class StreamOptions(APIModel):
+    include_usage: bool | None = False
+
+
+class SamplingRequest(APIModel):
+    """What both endpoints share. top_k, repetition_penalty, ignore_eos and return_token_ids are vLLM's extensions."""
+    model: str | None = None
+    max_tokens: Int(ge=1) | None = None
+    temperature: float | None = Field(None, ge=0.0, description="default 1; 0 is greedy")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: Int(ge=-1) | None = Field(None, description="0 or -1: off")
+    stop: str | list[str] | None = None
+    seed: Int() | None = Field(None, description="any integer (taken mod 2**64)")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: Int(ge=1, le=1) | None = Field(1, description="one choice per request")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    ignore_eos: bool | None = False
+    return_token_ids: bool | None = False
+    user: str | None = None
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: (Annotated[str, Field(min_length=1)] | TokenIds | Annotated[list[Annotated[str, Field(min_length=1)]],
+             Field(min_length=1, max_length=1)] | Annotated[list[TokenIds], Field(min_length=1, max_length=1)])
+    echo: only_false("echo") | None = False
+    logprobs: None = None
+    suffix: None = None
+
+
+class ContentPart(APIModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(APIModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: Int(ge=1) | None = None
+    logprobs: only_false("logprobs") | None = False
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 503)}
+GENERATE = {200: {"content": {"application/json": {}, "text/event-stream": {}},
+                  "description": "the completion, or with stream: server-sent events ending `data: [DONE]`"}, **ERRORS}
+
+
+class APIError(Exception):
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = \
+            status, message, type_, param, code, headers
+
+
+def error_json(status, message, type_="invalid_request_error", param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BearerAuth:
+    """Plain ASGI middleware (not BaseHTTPMiddleware, which would break streaming's disconnect detection):
+    /v1 needs 'Authorization: Bearer KEY'; /health and /metrics stay open, as in vLLM."""
+
+    def __init__(self, app, api_key):
+        self.app, self.expected = app, b"Bearer " + api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not secrets.compare_digest(got, self.expected):
+                resp = error_json(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                                  code="invalid_api_key")
+                return await resp(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class CountResponses:
+    """Wraps the whole app (outside Starlette's error middleware, so a 500 it makes is counted too):
+    http_requests_total{status} in /metrics."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter.labels(str(message["status"])).inc()
+            await send(message)
+        await self.app(scope, receive, counting_send)
+
+
+def sse(obj):
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+def build_app(engine, cfg, metrics):
+    """The FastAPI app around a (not yet started) engine; the lifespan starts and stops its thread."""
+    tok, name, L = M.get_tokenizer(), cfg.served_model_name, cfg.max_model_len
+    vocab = engine.model.config.vocab_size
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+
+        def put_all(batch):
+            for r, out in batch:
+                r.sink.put_nowait(out)
+
+        def deliver(batch):   # engine thread -> event loop; unbounded queues: the engine never waits on a client
+            try:
+                loop.call_soon_threadsafe(put_all, batch)
+            except RuntimeError:   # loop closed: nobody is listening any more
+                pass
+
+        engine.deliver = deliver
+        engine.start()
+        yield
+        engine.stop()   # uvicorn has drained the requests by now (SIGTERM)
+
+    app = FastAPI(title="InfiniteContext", summary="OpenAI-compatible server on a paged MLA latent cache",
+                  version="1", lifespan=lifespan)
+    if cfg.api_key:
+        app.add_middleware(BearerAuth, api_key=cfg.api_key)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, e):
+        return error_json(e.status, e.message, e.type, e.param, e.code, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e):   # OpenAI and vLLM answer 400 (FastAPI's default is 422)
+        errs = e.errors()
+        where = [".".join(str(x) for x in err.get("loc", ())[1:]) or "body" for err in errs]
+        msg = "; ".join(f"{w}: {err.get('msg', 'invalid')}" for w, err in list(zip(where, errs))[:4]) or "invalid request"
+        return error_json(400, msg, param=where[0] if where else None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e):
+        return error_json(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error",
+                          headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, e):
+        traceback.print_exception(e)
+        return error_json(500, f"internal error: {type(e).__name__}", "server_error")
+
+    # ---- request -> engine
+    def check_model(body):
+        if body.model is not None and body.model != name:
+            raise APIError(404, f"The model `{body.model}` does not exist (this server serves `{name}`).",
+                           param="model", code="model_not_found")
+
+    def encode(text, param):
+        if len(text) > 14 * L:   # no token is longer than 14 characters: surely too long, skip tokenizing it
+            raise APIError(400, f"This model's maximum context length is {L} tokens; the {param} is far longer.",
+                           param=param, code="context_length_exceeded")
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")   # lone surrogates -> U+FFFD
+        return tok.encode(text, allowed_special="all")
+
+    def sampling(body, n_prompt, max_tokens, param):
+        room = L - n_prompt
+        if n_prompt == 0:
+            raise APIError(400, "the prompt is empty", param=param)
+        if room <= 0:
+            raise APIError(400, f"This model's maximum context length is {L} tokens. However, your prompt has "
+                           f"{n_prompt} tokens.", param=param, code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's maximum context length is {L} tokens. However, you requested "
+                           f"{n_prompt + max_tokens} tokens ({n_prompt} in the {param}, {max_tokens} in the completion).",
+                           param="max_tokens", code="context_length_exceeded")
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+
+        def val(x, default):
+            return default if x is None else x
+
+        return SamplingParams(max_tokens=val(max_tokens, room), temperature=val(body.temperature, 1.0),
+                              top_p=val(body.top_p, 1.0), top_k=max(val(body.top_k, 0), 0), stop=[s for s in stop if s],
+                              seed=body.seed, repetition_penalty=val(body.repetition_penalty, 1.0),
+                              presence_penalty=val(body.presence_penalty, 0.0),
+                              frequency_penalty=val(body.frequency_penalty, 0.0), ignore_eos=bool(body.ignore_eos))
+
+    def submit(ids, params):
+        try:
+            return engine.submit(ids, params, asyncio.Queue())
+        except QueueFull:
+            raise APIError(503, "the server is busy (request queue full) or shutting down; retry later",
+                           "server_error", headers={"Retry-After": "1"}) from None
+
+    async def outputs(r):
+        while True:
+            out = await r.sink.get()
+            yield out
+            if out.finish_reason is not None:
+                return
+
+    async def collect(r, raw):
+        """Whole completion; a client that hangs up while waiting frees the request's blocks."""
+        async def watch():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+            engine.abort(r)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            text, ids = [], []
+            async for out in outputs(r):
+                text.append(out.text)
+                ids += out.token_ids
+            if out.finish_reason == "error":
+                raise APIError(500, "the engine failed on this request", "server_error")
+            return "".join(text), ids, out
+        finally:
+            watcher.cancel()
+            engine.abort(r)
+
+    def usage(out):
+        return {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                "total_tokens": out.prompt_tokens + out.completion_tokens}
+
+    def streaming(gen, r):
+        async def body():
+            try:
+                async for chunk in gen:
+                    yield chunk
+                yield "data: [DONE]\n\n"
+            finally:   # also when the client went away (Starlette cancels this generator)
+                engine.abort(r)
+        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    # ---- routes
+    @app.get("/health", summary="200 while the engine runs")
+    async def health():
+        if not engine.alive():
+            raise APIError(503, "engine not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics", summary="Prometheus metrics with vLLM's names",
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def prometheus_metrics():
+        metrics.kv_usage.set(engine.kv_usage())
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", responses=ERRORS)
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "infinitecontext", "root": name, "max_model_len": L}]}
+
+    @app.post("/v1/completions", responses=GENERATE)
+    async def completions(body: CompletionRequest, raw: HTTPRequest):
+        check_model(body)
+        p = body.prompt
+        if isinstance(p, list) and isinstance(p[0], (str, list)):   # the one-element batch form
+            p = p[0]
+        if isinstance(p, str):
+            ids = encode(p, "prompt")
+        else:
+            ids = list(p)
+            if any(not 0 <= t < vocab for t in ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        r = submit(ids, sampling(body, len(ids), body.max_tokens, "prompt"))
+        rid, created = f"cmpl-{r.id}", int(time.time())
+
+        def choice(text, finish, token_ids):
+            c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            if body.return_token_ids:
+                c["token_ids"] = token_ids
+            return c
+
+        head = {"id": rid, "object": "text_completion", "created": created, "model": name}
+        if not body.stream:
+            text, toks, out = await collect(r, raw)
+            c = choice(text, out.finish_reason, toks)
+            if body.return_token_ids:
+                c["prompt_token_ids"] = ids
+            return {**head, "choices": [c], "usage": usage(out)}
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def gen():
+            async for out in outputs(r):
+                if out.finish_reason == "error":
+                    yield sse({"error": {"message": "the engine failed on this request", "type": "server_error",
+                                         "param": None, "code": None}})
+                    return
+                if out.text or out.finish_reason or body.return_token_ids:
+                    yield sse({**head, "choices": [choice(out.text, out.finish_reason, out.token_ids)],
+                               **({"usage": None} if include_usage else {})})
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(out)})
+        return streaming(gen(), r)
+
+    @app.post("/v1/chat/completions", responses=GENERATE)
+    async def chat_completions(body: ChatCompletionRequest, raw: HTTPRequest):
+        check_model(body)
+        msgs = [{"role": m.role, "content": m.content if isinstance(m.content, str) else
+                 "".join(part.text for part in m.content or [])} for m in body.messages]
+        ids = encode(M.chat_prompt(msgs), "messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        r = submit(ids, sampling(body, len(ids), max_tokens, "messages"))
+        head = {"id": f"chatcmpl-{r.id}", "object": "chat.completion", "created": int(time.time()), "model": name}
+        if not body.stream:
+            text, toks, out = await collect(r, raw)
+            c = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": out.finish_reason}
+            if body.return_token_ids:
+                c["token_ids"], c["prompt_token_ids"] = toks, ids
+            return {**head, "choices": [c], "usage": usage(out)}
+        head["object"] = "chat.completion.chunk"
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta, finish=None, token_ids=None):
+            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            if body.return_token_ids and token_ids is not None:
+                c["token_ids"] = token_ids
+            return sse({**head, "choices": [c], **extra})
+
+        async def gen():
+            yield chunk({"role": "assistant", "content": ""})
+            async for out in outputs(r):
+                if out.finish_reason == "error":
+                    yield sse({"error": {"message": "the engine failed on this request", "type": "server_error",
+                                         "param": None, "code": None}})
+                    return
+                if out.text or out.finish_reason or body.return_token_ids:
+                    yield chunk({"content": out.text} if out.text else {}, out.finish_reason, out.token_ids)
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(out)})
+        return streaming(gen(), r)
+
+    return app
+
+
+# ----------------------------------------------------------------------------- load generator
+# Used by `bench.py serve` and the robustness run: plain threads and http.client (stdlib only, so it also
+# runs where the server's web stack is not installed), one connection per request as a real client fleet.
+def client_request(url, path, body, api_key=None, timeout=600.0, hang_up_after=None):
+    """POST one request and time it. With body["stream"], every server-sent event is timestamped: TTFT is
+    the first chunk, ITLs the gaps between chunks. hang_up_after=k closes the socket after k chunks (or, for a
+    whole answer, after k/10 seconds): a client that goes away. Returns a dict; never raises."""
+    import http.client
+    import urllib.parse
+    u = urllib.parse.urlsplit(url)
+    rec = {"status": None, "ttft": None, "itl": [], "prompt_tokens": 0, "completion_tokens": 0, "error": None,
+           "done": False, "hung_up": False}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.request("POST", path, body=data, headers=headers)
+        if hang_up_after is not None and not (isinstance(body, dict) and body.get("stream")):
+            time.sleep(hang_up_after / 10)
+            rec["hung_up"] = True
+            return rec
+        resp = conn.getresponse()
+        rec["status"] = resp.status
+        if resp.status != 200 or not (isinstance(body, dict) and body.get("stream")):
+            raw = resp.read()
+            reply = json.loads(raw) if raw[:1] == b"{" else {}
+            rec["error"] = None if resp.status == 200 else raw[:300].decode(errors="replace")
+            u_ = reply.get("usage") or {}
+            rec["prompt_tokens"], rec["completion_tokens"] = u_.get("prompt_tokens", 0), u_.get("completion_tokens", 0)
+            rec["done"] = resp.status == 200
+            rec["latency"] = time.perf_counter() - t0
+            rec["ttft"] = rec["latency"] if resp.status == 200 else None
+            return rec
+        last, chunks = None, 0
+        while True:
+            line = resp.readline()
+            if not line:
+                rec["error"] = "stream ended without [DONE]"
+                break
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                rec["done"] = True
+                break
+            obj = json.loads(payload)
+            if "error" in obj:
+                rec["error"] = str(obj["error"])[:300]
+            if obj.get("usage"):
+                rec["prompt_tokens"] = obj["usage"]["prompt_tokens"]
+                rec["completion_tokens"] = obj["usage"]["completion_tokens"]
+            if obj.get("choices"):
+                now = time.perf_counter()
+                if last is None:
+                    rec["ttft"] = now - t0
+                else:
+                    rec["itl"].append(now - last)
+                last, chunks = now, chunks + 1
+                if hang_up_after is not None and chunks >= hang_up_after:
+                    rec["hung_up"] = True
+                    break
+        rec["latency"] = time.perf_counter() - t0
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        if rec["hung_up"] and conn.sock is not None:
+            conn.sock.shutdown(2)   # SHUT_RDWR: the server sees the disconnect now, not at garbage collection
+        conn.close()
+    return rec
+
+
+def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None):
+    """`concurrency` client threads, each sending make_request(i) -> (path, body, hang_up_after) back to back,
+    for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds)."""
+    counter, lock, records = iter(range(10 ** 9)), threading.Lock(), []
+    t0 = time.perf_counter()
+
+    def client():
+        while True:
+            with lock:
+                i = next(counter)
+            if (num_requests is not None and i >= num_requests) or (duration is not None and time.perf_counter() - t0 > duration):
+                return
+            path, body, hang_up = make_request(i)
+            rec = client_request(url, path, body, api_key, hang_up_after=hang_up)
+            rec["i"] = i
+            with lock:
+                records.append(rec)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0
+
+
+def summarize(records, wall):
+    """Throughput (generated tokens / wall second), TTFT and ITL percentiles in ms, status counts."""
+    def pct(xs, q):
+        xs = sorted(xs)
+        return round(1e3 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3) if xs else None
+
+    ok = [r for r in records if r["done"]]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    statuses = {}
+    for r in records:
+        key = "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
+        statuses[key] = statuses.get(key, 0) + 1
+    gen = sum(r["completion_tokens"] for r in ok)
+    return {"requests": len(records), "completed": len(ok), "statuses": statuses, "wall_s": round(wall, 3),
+            "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+            "throughput_tok_s": round(gen / wall, 2) if wall else None,
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+            "errors": sorted({r["error"] for r in records if r["error"]})[:10]}
+
+
+def spawn_server(flags, log_path, timeout=180):
+    """`python serve.py FLAGS --port=<free>` on loopback, returned once /health answers: (process, base URL)."""
+    import socket
+    import subprocess
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", "--host=127.0.0.1", *flags],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited with {proc.returncode}; see {log_path}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            if time.time() - t0 > timeout:
+                proc.kill()
+                raise RuntimeError(f"serve.py did not come up in {timeout} s; see {log_path}")
+            time.sleep(0.3)
+
+
+def scrape(url):
+    """/metrics as {name or name|label=value: float} (model_name left out of the key)."""
+    import re
+    import urllib.request
+    out = {}
+    for line in urllib.request.urlopen(url + "/metrics", timeout=30).read().decode().splitlines():
+        m = re.match(r"^([\w:]+)(?:\{([^}]*)\})? (\S+)$", line)
+        if m:
+            labels = [f"{k}={v}" for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(2) or "") if k != "model_name"]
+            out[m.group(1) + ("|" + ",".join(labels) if labels else "")] = float(m.group(3))
+    return out
+
+
+# ----------------------------------------------------------------------------- command line
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+def die(msg):
+    print(f"serve.py: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def flag_help():
+    """--help text: every ServeConfig field with its default and the comment beside it in the source."""
+    import inspect
+    import re
+    lines = ["usage: python serve.py [--key=value ...]"]
+    for line in inspect.getsource(ServeConfig).splitlines():
+        m = re.match(r"\s+(\w+): [\w| ]+ = ([^#]*?)\s*(?:#\s*(.*))?$", line)
+        if m:
+            flag = f"--{m.group(1)}={m.group(2).strip(chr(34))}"
+            lines.append(f"  {flag:<31} {m.group(3) or ''}".rstrip())
+    return "\n".join(lines)
+
+
+def parse_args(argv):
+    cfg = ServeConfig()
+    names = {f.name for f in fields(ServeConfig)}
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(flag_help())
+            sys.exit(0)
+        if not arg.startswith("--") or "=" not in arg:
+            die(f"expected --key=value, got {arg!r} (see --help)")
+        k, v = arg[2:].split("=", 1)
+        k = k.replace("-", "_")                     # --api-key and --api_key both work
+        if k not in names:
+            die(f"unknown flag --{k} (see --help)")
+        old = getattr(cfg, k)
+        try:
+            if isinstance(old, bool):
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError
+                v = v.lower() in ("1", "true", "yes")
+            else:
+                v = type(old)(v)
+        except ValueError:
+            die(f"--{k}={v!r} is not {'a boolean' if isinstance(old, bool) else 'an integer'}")
+        setattr(cfg, k, v)
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        die(f"--dtype={cfg.dtype!r}: expected auto, {', '.join(DTYPES)}")
+    if cfg.backend not in ("embedded", "vllm"):
+        die(f"--backend={cfg.backend!r}: expected embedded or vllm")
+    for k in ("page", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+        if getattr(cfg, k) < 1:
+            die(f"--{k}={getattr(cfg, k)}: must be >= 1")
+    for k in ("num_blocks", "kv_cache_tokens", "max_model_len", "drain_timeout", "threads"):
+        if getattr(cfg, k) < 0:
+            die(f"--{k}={getattr(cfg, k)}: must be >= 0")
+    if cfg.max_num_batched_tokens < cfg.max_num_seqs:
+        die(f"--max_num_batched_tokens={cfg.max_num_batched_tokens} must be >= --max_num_seqs={cfg.max_num_seqs} "
+            "(every running sequence decodes one token per step)")
+    if not 0 <= cfg.port < 65536:
+        die(f"--port={cfg.port}: not a TCP port")
+    cfg.api_key = cfg.api_key or os.environ.get("VLLM_API_KEY", "")
+    return cfg
+
+
+def load_model(cfg, device="cpu", dtype=torch.float32):
+    if not cfg.ckpt:
+        for p in ("checkpoints/infinitecontext-small", "out/tiny/ckpt.pt"):
+            if os.path.exists(p):
+                cfg.ckpt = p
+                break
+        else:
+            die("no checkpoint: pass --ckpt=PATH, or train one first with `python train.py` (writes out/tiny/ckpt.pt)")
+    try:
+        model = M.load_checkpoint(cfg.ckpt, device)
+    except M.CheckpointError as e:
+        die(str(e))
+    except NotImplementedError as e:
+        die(f"{cfg.ckpt}: {e}")
+    if not cfg.served_model_name:
+        path = os.path.normpath(cfg.ckpt)
+        base = os.path.basename(path)
+        cfg.served_model_name = os.path.basename(os.path.dirname(path)) or base if base == "ckpt.pt" else base
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def export(model, out_dir):
+    if not hasattr(M, "export_hf"):
+        die("model.export_hf is not in this checkout yet (issue 3, branch hf): cannot export")
+    M.export_hf(model, out_dir)
+    print(f"serve.py: wrote the Hugging Face export to {out_dir}", file=sys.stderr)
+
+
+def run_vllm(cfg):
+    exe = shutil.which("vllm")
+    if exe is None:
+        die("--backend=vllm needs vLLM, which is not installed here (pip install vllm; it brings its own torch)")
+    model = load_model(cfg)
+    out = cfg.export or tempfile.mkdtemp(prefix="infinitecontext-hf-")
+    export(model, out)
+    max_len = cfg.max_model_len or model.config.max_position_embeddings
+    cmd = [exe, "serve", out, "--served-model-name", cfg.served_model_name, "--dtype", "bfloat16",
+           "--max-model-len", str(max_len), "--host", cfg.host, "--port", str(cfg.port),
+           "--max-num-seqs", str(cfg.max_num_seqs)]
+    print("serve.py: " + " ".join(cmd), file=sys.stderr)
+    if cfg.api_key:
+        cmd += ["--api-key", cfg.api_key]
+    os.execv(exe, cmd)
+
+
+def size_cache(cfg, mc, device, dtype):
+    """Blocks of the kv pool and max_model_len; one clear line when they cannot fit together."""
+    per_token = mc.num_hidden_layers * M.cache_width(mc) * torch.tensor([], dtype=dtype).element_size()
+    if cfg.num_blocks == 0:
+        tokens = cfg.kv_cache_tokens
+        if tokens == 0:
+            budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else 256 << 20
+            tokens = budget // per_token
+        cfg.num_blocks = max(1, -(-tokens // cfg.page))
+    capacity = cfg.num_blocks * cfg.page
+    if cfg.max_model_len == 0:
+        cfg.max_model_len = min(mc.max_position_embeddings, capacity)
+    elif cfg.max_model_len > capacity:
+        die(f"--max_model_len={cfg.max_model_len} does not fit the cache of {capacity} tokens "
+            "(raise --kv_cache_tokens or --num_blocks)")
+    elif cfg.max_model_len > mc.max_position_embeddings:
+        die(f"--max_model_len={cfg.max_model_len} exceeds the model's max_position_embeddings={mc.max_position_embeddings}")
+    return per_token
+
+
+def main(argv):
+    cfg = parse_args(argv)
+    if cfg.backend == "vllm":
+        return run_vllm(cfg)
+    if cfg.export:
+        return export(load_model(cfg), cfg.export)
+    import uvicorn
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die("--device=cuda but no CUDA device is available")
+    dtype = DTYPES.get(cfg.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cpu":   # decode is many small ops: oversubscribed OpenMP threads cost 10-50x
+        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    model = load_model(cfg, device, dtype)
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and (cfg.page < 16 or cfg.page & (cfg.page - 1)):
+        die(f"--page={cfg.page}: the CUDA decode kernel (mla_kernel) needs a power of two >= 16")
+    per_token = size_cache(cfg, model.config, device, dtype)
+    metrics = Metrics(cfg.served_model_name)
+    engine = Engine(model, cfg, metrics)
+    app = build_app(engine, cfg, metrics)
+    print(f"serve.py: {cfg.served_model_name} ({model.num_params() / 1e6:.2f}M non-embedding params) on {device} "
+          f"{str(dtype).removeprefix('torch.')}; kv cache {cfg.num_blocks} blocks x {cfg.page} tokens "
+          f"({cfg.num_blocks * cfg.page * per_token / 2**20:.0f} MiB), max_model_len {cfg.max_model_len}; "
+          f"http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
+    # uvicorn drains on SIGTERM (no new connections, running requests finish), then re-raises the signal:
+    # exit 0 at that point instead of dying of it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(CountResponses(app, metrics.http), host=cfg.host, port=cfg.port, log_level="info", access_log=cfg.access_log,
+                timeout_graceful_shutdown=cfg.drain_timeout or None)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
