@@ -1130,6 +1130,252 @@ def test_train_bad_config_one_line_exit_2(tmp_path, capsys, monkeypatch):
 
 
 # ============================================================================ dpo (issue 7)
+import json as _dpo_json  # noqa: E402
+import subprocess as _dpo_subprocess  # noqa: E402
+
+import dpo  # noqa: E402
+
+
+def _dpo_model(seed=0, dtype=torch.float64):
+    torch.manual_seed(seed)
+    cfg = M.ModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                        max_position_embeddings=256)
+    return M.Transformer(cfg).to(dtype)
+
+
+def _dpo_pairs():
+    """Toy preference pairs in the needle format: a ChatML question, the right number, a wrong one."""
+    pairs = []
+    for i, (key, good, bad) in enumerate([("alpha", "1234", "8"), ("beta", "5678", "90210"), ("gamma", "42", "4444"),
+                                          ("delta", "7", "31337")]):
+        q = f"One of the special magic numbers for {key} is: {good}. What is the special magic number for {key}?"
+        pairs.append({"prompt": M.chat_prompt([{"role": "user", "content": q * (1 + i % 2)}]),
+                      "chosen": good, "rejected": bad})
+    return pairs
+
+
+def test_dpo_loss_closed_forms():
+    ln2 = math.log(2.0)
+    g = torch.Generator().manual_seed(0)
+    pi_c, pi_r = -20 * torch.rand(5, generator=g, dtype=torch.float64), -20 * torch.rand(5, generator=g, dtype=torch.float64)
+    # policy == reference: the margin is 0, every logistic variant sits at ln 2, IPO at (1/(2 beta))^2
+    for lt, eps in (("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.2)):
+        losses, rc, rr = dpo.dpo_loss(pi_c, pi_r, pi_c.clone(), pi_r.clone(), beta=0.3, loss_type=lt, label_smoothing=eps)
+        assert torch.allclose(losses, torch.full_like(losses, ln2), atol=1e-12), (lt, eps)
+        assert rc.abs().max() == 0 and rr.abs().max() == 0
+    losses, _, _ = dpo.dpo_loss(pi_c, pi_r, pi_c.clone(), pi_r.clone(), beta=0.1, loss_type="ipo")
+    assert torch.allclose(losses, torch.full_like(losses, 25.0), atol=1e-12)
+    # DESIGN.md's check values: beta 0.1, pi_c -10, pi_r -12, ref -11 -> z = 2, beta z = 0.2
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    sig, rc, rr = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1)
+    cdpo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, label_smoothing=0.1)
+    rob, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, loss_type="robust", label_smoothing=0.1)
+    assert abs(sig.item() - 0.598139) < 5e-7 and abs(cdpo.item() - 0.618139) < 5e-7
+    assert abs(sig.item() - math.log1p(math.exp(-0.2))) < 1e-12
+    assert abs(cdpo.item() - (0.9 * math.log1p(math.exp(-0.2)) + 0.1 * math.log1p(math.exp(0.2)))) < 1e-12
+    assert abs(rob.item() - (0.9 * math.log1p(math.exp(-0.2)) - 0.1 * math.log1p(math.exp(0.2))) / 0.8) < 1e-12
+    assert abs(rc.item() - 0.1) < 1e-12 and abs(rr.item() + 0.1) < 1e-12 and not rc.requires_grad
+    # IPO, length-normalised: ((pi_c-ref_c)/n_c - (pi_r-ref_r)/n_r - 1/(2 beta))^2 = (1/4 + 1/2 - 5)^2
+    ipo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, loss_type="ipo", len_c=t(4.0), len_r=t(2.0))
+    assert abs(ipo.item() - 4.25 ** 2) < 1e-12
+    n_c, n_r = torch.tensor([3.0, 7.0], dtype=torch.float64), torch.tensor([5.0, 1.0], dtype=torch.float64)
+    a, b, c, d = (torch.tensor(v, dtype=torch.float64) for v in ([-3., -9.], [-4., -2.], [-3.5, -8.], [-5., -2.5]))
+    ipo, _, _ = dpo.dpo_loss(a, b, c, d, beta=0.5, loss_type="ipo", len_c=n_c, len_r=n_r)
+    want = [((a[i] - c[i]).item() / n_c[i].item() - (b[i] - d[i]).item() / n_r[i].item() - 1.0) ** 2 for i in range(2)]
+    assert torch.allclose(ipo, torch.tensor(want, dtype=torch.float64), atol=1e-12)
+    with pytest.raises(ValueError):
+        dpo.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="hinge")
+    with pytest.raises(ValueError):
+        dpo.dpo_loss(t(0.0), t(0.0), t(0.0), t(0.0), loss_type="ipo", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("robust", 0.1), ("ipo", 0.0)])
+def test_dpo_loss_gradient_direction(loss_type, eps):
+    """Descending the loss raises the chosen log-prob and lowers the rejected one (at and near the reference)."""
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        ref_c, ref_r = -30 * torch.rand(4, generator=g, dtype=torch.float64), -30 * torch.rand(4, generator=g, dtype=torch.float64)
+        pi_c = (ref_c + 0.5 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_()
+        pi_r = (ref_r + 0.5 * torch.randn(4, generator=g, dtype=torch.float64)).requires_grad_()
+        losses, _, _ = dpo.dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type=loss_type, label_smoothing=eps,
+                                    len_c=torch.full((4,), 3.0, dtype=torch.float64), len_r=torch.full((4,), 5.0, dtype=torch.float64))
+        losses.sum().backward()
+        assert (pi_c.grad < 0).all() and (pi_r.grad > 0).all(), (pi_c.grad, pi_r.grad)
+
+
+def test_dpo_sequence_logps_mask_and_float64_reference():
+    m = _dpo_model().eval()
+    tok = M.get_tokenizer()
+    pairs = _dpo_pairs()
+    batch = dpo.collate_pairs(pairs, tok)
+    idx, targets = batch["idx"], batch["targets"]
+    B = len(pairs)
+    assert idx.shape[0] == 2 * B and "ref" not in batch
+    rows = [(p["prompt"], p["chosen"]) for p in pairs] + [(p["prompt"], p["rejected"]) for p in pairs]
+    for i, (prompt, comp) in enumerate(rows):
+        P = tok.encode(prompt, allowed_special="all")
+        C = tok.encode(comp) + [M.IM_END]
+        L = len(P) + len(C)
+        assert idx[i, :L].tolist() == P + C and (idx[i, L:] == M.PAD).all()
+        # the mask covers exactly the completion's tokens: positions P-1 .. L-2 predict them
+        assert torch.nonzero(targets[i] != -1)[:, 0].tolist() == list(range(len(P) - 1, L - 1))
+        assert targets[i, len(P) - 1:L - 1].tolist() == C
+    with torch.no_grad():
+        logps, lengths = dpo.sequence_logps(m, idx, targets)
+        assert lengths.tolist() == [len(tok.encode(c)) + 1 for _, c in rows]
+        # independent float64: sum over completion tokens of log p(token | everything before it), one
+        # unpadded forward per token; prompt tokens' own log-probs are not in the sum (rows of 2 pairs: time)
+        for i, (prompt, comp) in enumerate(rows):
+            if i % B >= 2:
+                continue
+            seq = tok.encode(prompt, allowed_special="all") + tok.encode(comp) + [M.IM_END]
+            n_p = len(tok.encode(prompt, allowed_special="all"))
+            want = 0.0
+            for j in range(n_p, len(seq)):
+                lp = torch.log_softmax(m(torch.tensor([seq[:j]]))[0, -1].double(), -1)
+                want += lp[seq[j]].item()
+            assert abs(logps[i].item() - want) < 1e-9 * max(1.0, abs(want)), (i, logps[i].item(), want)
+        # padding after the completion changes nothing (garbage tokens there included)
+        noisy = idx.clone()
+        pad = targets.eq(-1) & idx.eq(M.PAD)
+        noisy[pad] = torch.randint(0, 256, (int(pad.sum()),), generator=torch.Generator().manual_seed(0))
+        assert pad.any()
+        assert torch.allclose(dpo.sequence_logps(m, noisy, targets)[0], logps, rtol=0, atol=1e-12)
+    # the stored reference log-probs are exactly these sums, and end up in the collated batch
+    dpo.reference_logps(m, pairs, batch_size=3, tok=tok)
+    assert [p["ref_chosen"] for p in pairs] == pytest.approx(logps[:B].tolist(), abs=1e-9)
+    assert [p["ref_rejected"] for p in pairs] == pytest.approx(logps[B:].tolist(), abs=1e-9)
+    assert torch.allclose(dpo.collate_pairs(pairs, tok)["ref"], logps, rtol=0, atol=1e-12)
+
+
+def test_dpo_pair_batches_split_invariant():
+    """The global batch of a step is the same pairs however it is split over ranks and micro-batches,
+    and consecutive steps walk through seeded epoch permutations (every pair once per epoch)."""
+    pairs = [{"prompt": M.chat_prompt([{"role": "user", "content": f"q{i}"}]), "chosen": str(i), "rejected": "x"}
+             for i in range(6)]
+    one = dpo.pair_batches(pairs, batch_size=4, grad_accum=1, seed=3)
+    split = dpo.pair_batches(pairs, batch_size=1, grad_accum=2, seed=3)
+
+    def chosen(b):   # the chosen rows' completions, read back from the targets
+        return [M.get_tokenizer().decode(t[t != -1].tolist()) for t in b["targets"][:len(b["targets"]) // 2]]
+    for step in range(3):
+        whole = chosen(one(step, 0, 0, 1))
+        parts = [x for micro in range(2) for rank in range(2) for x in chosen(split(step, micro, rank, 2))]
+        assert whole == parts
+    seen = [x for step in range(3) for x in chosen(one(step, 0, 0, 1))]    # 12 pairs = 2 epochs
+    assert sorted(seen[:6]) == sorted(seen[6:]) == sorted(f"{i}<|im_end|>" for i in range(6))
+
+
+def _dpo_cli(tmp_path, *extra):
+    sft = tmp_path / "sft.pt"
+    if not sft.exists():
+        M.save_checkpoint(str(sft), _dpo_model(seed=0, dtype=torch.float32))
+        with open(tmp_path / "pairs.jsonl", "w") as f:
+            f.writelines(_dpo_json.dumps(p) + "\n" for p in _dpo_pairs())
+    return dpo.main([f"--ckpt={sft}", f"--pairs={tmp_path / 'pairs.jsonl'}", "--batch_size=4", "--lr=1e-3",
+                     "--warmup_iters=0", "--min_lr=1e-3", "--ref_batch_size=2", "--eval_samples=0", "--threads=1",
+                     "--compile=False", "--beta=0.1", *extra])
+
+
+def test_dpo_cli_steps_raise_margins_reference_once(tmp_path, monkeypatch):
+    """dpo.main (the CLI's path: pairs -> reference log-probs -> train.train with dpo's loss, AdamW) on a tiny
+    random model: the margins and the accuracy rise, and the reference model runs once, before training."""
+    calls = []
+    forward = M.Transformer.forward
+
+    def counted(self, *a, **kw):
+        calls.append((id(self), torch.is_grad_enabled()))
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(M.Transformer, "forward", counted)
+    out = tmp_path / "run"
+    assert _dpo_cli(tmp_path, f"--out_dir={out}", "--max_iters=8") == 0
+    ref_calls, train_calls = [c for c in calls if not c[1]], [c for c in calls if c[1]]
+    assert len(ref_calls) == 2                          # 4 pairs / --ref_batch_size=2, once
+    assert len(train_calls) == 8                        # one concatenated forward per step: no reference in there
+    assert len({c[0] for c in train_calls}) == 1 and not {c[0] for c in ref_calls} & {c[0] for c in train_calls}
+    log = [_dpo_json.loads(ln) for ln in open(out / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 9))
+    for r in log:
+        assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                "logps/rejected"} <= set(r)
+        assert abs(r["rewards/margins"] - (r["rewards/chosen"] - r["rewards/rejected"])) < 1e-9
+    assert abs(log[0]["rewards/margins"]) < 1e-3 and abs(log[0]["loss"] - math.log(2)) < 1e-3   # policy == reference
+    margins, losses = [r["rewards/margins"] for r in log], [r["loss"] for r in log]
+    assert all(b > a for a, b in zip(margins, margins[1:])) and all(b < a for a, b in zip(losses, losses[1:]))
+    assert margins[-1] > 0.1 and log[-1]["rewards/accuracies"] == 1.0
+    # independently, from the files: the stored reference is the SFT model's, and the saved DPO model prefers
+    # every chosen completion more than the SFT model did (strict)
+    stored = [_dpo_json.loads(ln) for ln in open(out / "pairs.jsonl")]
+    monkeypatch.setattr(M.Transformer, "forward", forward)
+    batch = dpo.collate_pairs(_dpo_pairs())
+    with torch.no_grad():
+        sft, _ = dpo.sequence_logps(M.load_checkpoint(str(tmp_path / "sft.pt")), batch["idx"], batch["targets"])
+        pol, _ = dpo.sequence_logps(M.load_checkpoint(str(out / "ckpt.pt")), batch["idx"], batch["targets"])
+    assert torch.allclose(sft.double(), torch.tensor([p["ref_chosen"] for p in stored] +
+                                                     [p["ref_rejected"] for p in stored], dtype=torch.float64), atol=1e-4)
+    _, rc, rr = dpo.dpo_loss(pol[:4], pol[4:], sft[:4], sft[4:], beta=0.1)
+    assert (rc > rr).all()
+
+
+def test_dpo_cli_resume_exact(tmp_path, monkeypatch):
+    """4 steps, a resume to 6 (the stored pairs and reference log-probs, no reference forward), equals 6 in one go."""
+    assert _dpo_cli(tmp_path, f"--out_dir={tmp_path / 'a'}", "--max_iters=6", "--loss_type=ipo") == 0
+    assert _dpo_cli(tmp_path, f"--out_dir={tmp_path / 'b'}", "--max_iters=4", "--loss_type=ipo", "--lr_decay_iters=6") == 0
+    calls = []
+    forward = M.Transformer.forward
+    monkeypatch.setattr(M.Transformer, "forward", lambda self, *a, **kw: calls.append(torch.is_grad_enabled())
+                        or forward(self, *a, **kw))
+    assert _dpo_cli(tmp_path, f"--out_dir={tmp_path / 'b'}", "--max_iters=6", "--loss_type=ipo", "--resume=True") == 0
+    assert calls == [True, True]                        # two training steps, nothing recomputed for the reference
+    a = [_dpo_json.loads(ln) for ln in open(tmp_path / "a" / "log.jsonl")]
+    b = [_dpo_json.loads(ln) for ln in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-9)
+        assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-6, abs=1e-9)
+
+
+def test_dpo_torchrun_fsdp_matches_one_process(tmp_path):
+    """torchrun, 2 ranks (FSDP2, gloo): each rank scores half the pairs for the reference and the gather puts
+    them back in order (step 1's margins are 0 only if it does); the steps equal one process with
+    grad_accum=2 (the same global batch)."""
+    assert _dpo_cli(tmp_path, f"--out_dir={tmp_path / 'one'}", "--max_iters=3", "--batch_size=1", "--grad_accum=2") == 0
+    args = [f"--ckpt={tmp_path / 'sft.pt'}", f"--pairs={tmp_path / 'pairs.jsonl'}", f"--out_dir={tmp_path / 'two'}",
+            "--max_iters=3", "--batch_size=1", "--lr=1e-3", "--warmup_iters=0", "--min_lr=1e-3", "--ref_batch_size=1",
+            "--eval_samples=0", "--threads=1", "--compile=False"]
+    p = _dpo_subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "dpo.py"), *args], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    one = [_dpo_json.loads(ln) for ln in open(tmp_path / "one" / "log.jsonl")]
+    two = [_dpo_json.loads(ln) for ln in open(tmp_path / "two" / "log.jsonl")]
+    assert len(one) == len(two) == 3 and abs(two[0]["rewards/margins"]) < 1e-5
+    for x, y in zip(one, two):
+        for k in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-7), k
+    ref = lambda d: [(q["ref_chosen"], q["ref_rejected"]) for q in map(_dpo_json.loads, open(tmp_path / d / "pairs.jsonl"))]  # noqa: E731
+    r1, r2 = ref("one"), ref("two")
+    assert len(r1) == len(r2) == 4 and all(abs(a - b) < 1e-6 for x, y in zip(r1, r2) for a, b in zip(x, y))
+
+
+def test_dpo_cli_errors(tmp_path, monkeypatch, capsys):
+    """One line on stderr, exit 2: no SFT checkpoint (the no-argument run says to train first), bad flags, bad pairs."""
+    p = _dpo_subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py")], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "python train.py" in p.stderr, p.stderr
+    monkeypatch.chdir(tmp_path)
+    M.save_checkpoint("sft.pt", _dpo_model(dtype=torch.float32))
+    with open("bad.jsonl", "w") as f:
+        f.write(_dpo_json.dumps(_dpo_pairs()[0]) + "\n" + '{"prompt": "a", "chosen": "b"}\n')
+    for args, words in ((["--loss_type=hinge"], "--loss_type='hinge'"), (["--ckpt=sft.pt", "--beta=0"], "--beta"),
+                        (["--ckpt=sft.pt", "--loss_type=ipo", "--label_smoothing=0.1"], "--label_smoothing"),
+                        (["--ckpt=sft.pt", "--data=t.txt"], "--data"), (["--ckpt=nope.pt"], "nope.pt"),
+                        (["--ckpt=sft.pt", "--pair_lengths=100"], "--pair_lengths"), (["--beta"], "--key=value"),
+                        (["--ckpt=sft.pt", "--pairs=bad.jsonl", "--out_dir=o"], "bad.jsonl:2")):
+        assert dpo.main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("dpo.py: error:") and words in err, (args, err)
 
 
 # ============================================================================ judge (issue 8)
