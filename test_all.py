@@ -218,6 +218,30 @@ def test_model_checkpoint_roundtrip_and_clear_errors(tmp_path):
         assert str(tmp_path / name) in msg and why in msg and "\n" not in msg
 
 
+def test_model_readme_commands_work_on_a_fresh_clone(tmp_path):
+    """As a new user: clone, then the README's two commands exactly as written (fresh venv, pip install -r
+    requirements.txt), the main job shortened with flags and the test command restricted to one test."""
+    import re
+    import subprocess
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    main_cmd, test_cmd = re.findall(r"```bash\n(.*?)\n```", quick, re.S)[:2]
+    install, main_job = main_cmd.rsplit(" && ", 1)
+    assert main_job == "python train.py" and test_cmd == install + " && pytest test_all.py"
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", ROOT, str(clone)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = ":".join(p for p in env["PATH"].split(":") if ".venv" not in p)
+    run = lambda cmd: subprocess.run(["bash", "-c", cmd], cwd=clone, env=env, capture_output=True, text=True,
+                                     timeout=1200)
+    r = run(f"{install} && {main_job} --max_iters=3 --log_interval=1 --eval_lengths=512 --eval_depths=50 "
+            f"--eval_samples=1 --threads=1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (clone / "out" / "tiny" / "ckpt.pt").exists() and "accuracy" in r.stdout + r.stderr
+    r = run(f"{test_cmd} -q -k test_model_rope_is_deepseek_complex_rotation")
+    assert r.returncode == 0 and "1 passed" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+
+
 # ============================================================================ hf export (issue 3)
 import json as _hf_json  # noqa: E402
 import random as _hf_random  # noqa: E402
