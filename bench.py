@@ -3,7 +3,7 @@ with its provenance (git commit, date, card, torch/triton versions, the exact co
 
     python bench.py kernel    # MLA decode: torch naive vs torch absorbed vs mla_kernel (CUDA)
     python bench.py memory    # KV-cache bytes per token: MLA vs MHA vs GQA, formula and allocation
-    python bench.py train     # training throughput / MFU            (not implemented yet)
+    python bench.py train     # training throughput / MFU of train.py on 1..N GPUs (FSDP2)
     python bench.py serve     # serving: serve.py vs transformers generate at concurrency 1/8/64; --robustness=1
     python bench.py longctx   # long-context speed                   (not implemented yet)
 
@@ -427,7 +427,79 @@ def bench_memory(argv):
 # ----------------------------------------------------------------------------- not yet written
 
 def bench_train(argv):
-    die("not implemented yet: bench.py train (training throughput / MFU, issue 13)")
+    """Training throughput and MFU of train.py itself: `torchrun --nproc_per_node=N train.py` for each N (FSDP2
+    per block + root, bf16 params / fp32 reduce on GPU; one process is a plain module with bf16 autocast), on
+    random tokens, with and without torch.compile. tokens/s is the median of the logged intervals after the
+    first (compile and warm-up); scaling efficiency = per-GPU tokens/s at N over per-GPU tokens/s at 1."""
+    cfg = parse_flags("train", argv, dict(preset="1b", gpus="1,2", compile="True,False", seq_len=4096, batch_size=4,
+                                          iters=40, log_interval=5, matmul_tflops=0.0, device="auto", out=""),
+                      dict(preset="model.PRESETS key", gpus="process counts N (GPUs, or CPU processes)",
+                           compile="torch.compile settings to run", seq_len="tokens per row",
+                           batch_size="rows per process per step", iters="optimizer steps per run",
+                           log_interval="steps per logged interval",
+                           matmul_tflops="measured matmul TFLOP/s for a second MFU (0: measure on the GPU)",
+                           device="auto, cuda or cpu", out="JSON path (default results/bench_train_<card>.json)"))
+    import shutil
+    import tempfile
+    import numpy as np
+    gpus = int_list("train", "gpus", cfg["gpus"])
+    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    if cuda and max(gpus) > torch.cuda.device_count():
+        die(f"train: --gpus={cfg['gpus']} but only {torch.cuda.device_count()} GPUs are visible")
+    card = card_name() if cuda else "CPU"
+    mm = cfg["matmul_tflops"] or (measure_ceilings(100)[1] if cuda else 0.0)
+    tmp = tempfile.mkdtemp(prefix="bench-train-")
+    data = os.path.join(tmp, "tokens.bin")   # random tokens: throughput does not depend on the text
+    np.random.default_rng(0).integers(0, 264, 8 * 1024 * 1024, dtype=np.uint16).tofile(data)
+    rows = []
+    try:
+        for comp in cfg["compile"].split(","):
+            for n in gpus:
+                out_dir = os.path.join(tmp, f"run-{n}-{comp}")
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                       os.path.join(ROOT, "train.py"),
+                       f"--preset={cfg['preset']}", f"--data={data}", f"--seq_len={cfg['seq_len']}",
+                       f"--batch_size={cfg['batch_size']}", f"--max_iters={cfg['iters']}", "--warmup_iters=5",
+                       f"--log_interval={cfg['log_interval']}", f"--compile={comp}", "--eval_samples=0",
+                       "--ckpt_interval=0", f"--device={'cuda' if cuda else 'cpu'}", f"--out_dir={out_dir}"]
+                if mm:
+                    cmd.append(f"--matmul_tflops={mm}")
+                print("torchrun " + " ".join(cmd[3:]), flush=True)
+                r = subprocess.run(cmd, capture_output=True, text=True)
+                log = os.path.join(out_dir, "log.jsonl")
+                if r.returncode != 0 or not os.path.exists(log):
+                    rows.append(dict(gpus=n, compile=comp, status=f"failed (exit {r.returncode}): "
+                                                                   f"{(r.stderr or r.stdout).strip()[-300:]}"))
+                    print(f"  failed: {rows[-1]['status']}", flush=True)
+                    continue
+                recs = [json.loads(line) for line in open(log)][1:]     # the first interval holds compilation
+                med = lambda k: sorted(x[k] for x in recs)[len(recs) // 2] if recs and k in recs[0] else None
+                rows.append(dict(gpus=n, compile=comp, status="ok", tokens_per_s=med("tokens_per_s"),
+                                 tokens_per_s_per_gpu=med("tokens_per_s_per_device"), mfu=med("mfu"),
+                                 mfu_measured_matmul=med("mfu_measured"), intervals=len(recs)))
+        for r in rows:
+            base = next((b for b in rows if b["compile"] == r["compile"] and b["gpus"] == 1 and b["status"] == "ok"), None)
+            if r["status"] == "ok" and base:
+                r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{'N':>3} {'compile':>7} {'tokens/s':>10} {'per GPU':>10} {'MFU':>6} {'scaling':>8}")
+    for r in rows:
+        if r["status"] != "ok":
+            print(f"{r['gpus']:>3} {r['compile']:>7}  {r['status'][:80]}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+        eff = f"{100 * r['scaling_efficiency']:.0f}%" if r.get("scaling_efficiency") else "-"
+        print(f"{r['gpus']:>3} {r['compile']:>7} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_gpu']:>10,.0f} "
+              f"{mfu:>6} {eff:>8}")
+    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
+               {"provenance": provenance(card), "preset": cfg["preset"], "seq_len": cfg["seq_len"],
+                "batch_size_per_gpu": cfg["batch_size"], "matmul_tflops": mm,
+                "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root) for every N, including "
+                         "N=1; MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
+                         "bf16 peak (989 TFLOP/s H100/H200 SXM), and over the measured matmul rate. DDP is not "
+                         "in train.py yet, so there is no DDP row.",
+                "rows": rows})
 
 
 def bench_serve(argv):
