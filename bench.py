@@ -5,7 +5,7 @@ with its provenance (git commit, date, card, torch/triton versions, the exact co
     python bench.py memory    # KV-cache bytes per token: MLA vs MHA vs GQA, formula and allocation
     python bench.py train     # training throughput / MFU of train.py on 1..N GPUs (FSDP2)
     python bench.py serve     # serving: serve.py vs transformers generate at concurrency 1/8/64; --robustness=1
-    python bench.py longctx   # long-context speed                   (not implemented yet)
+    python bench.py longctx   # 1b chunked prefill to 1M tokens + decode, MLA vs MHA
 
 Flags are nanoGPT-style --key=value after the subcommand; `python bench.py SUB --help` lists them.
 Performance is reported against the roofline we measure on the same card (a device-to-device copy
