@@ -431,10 +431,13 @@ def bench_train(argv):
     per block + root, bf16 params / fp32 reduce on GPU; one process is a plain module with bf16 autocast), on
     random tokens, with and without torch.compile. tokens/s is the median of the logged intervals after the
     first (compile and warm-up); scaling efficiency = per-GPU tokens/s at N over per-GPU tokens/s at 1."""
-    cfg = parse_flags("train", argv, dict(preset="1b", gpus="1,2", compile="True,False", seq_len=4096, batch_size=4,
+    cfg = parse_flags("train", argv, dict(preset="1b", gpus="1,2", compile="True,False", parallel="fsdp,ddp",
+                                          seq_len=4096, batch_size=4,
                                           iters=40, log_interval=5, matmul_tflops=0.0, device="auto", out=""),
                       dict(preset="model.PRESETS key", gpus="process counts N (GPUs, or CPU processes)",
-                           compile="torch.compile settings to run", seq_len="tokens per row",
+                           compile="torch.compile settings to run",
+                           parallel="fsdp (FSDP2) and/or ddp (DistributedDataParallel, N >= 2 only)",
+                           seq_len="tokens per row",
                            batch_size="rows per process per step", iters="optimizer steps per run",
                            log_interval="steps per logged interval",
                            matmul_tflops="measured matmul TFLOP/s for a second MFU (0: measure on the GPU)",
@@ -453,52 +456,55 @@ def bench_train(argv):
     np.random.default_rng(0).integers(0, 264, 8 * 1024 * 1024, dtype=np.uint16).tofile(data)
     rows = []
     try:
-        for comp in cfg["compile"].split(","):
-            for n in gpus:
-                out_dir = os.path.join(tmp, f"run-{n}-{comp}")
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                       os.path.join(ROOT, "train.py"),
-                       f"--preset={cfg['preset']}", f"--data={data}", f"--seq_len={cfg['seq_len']}",
-                       f"--batch_size={cfg['batch_size']}", f"--max_iters={cfg['iters']}", "--warmup_iters=5",
-                       f"--log_interval={cfg['log_interval']}", f"--compile={comp}", "--eval_samples=0",
-                       "--ckpt_interval=0", f"--device={'cuda' if cuda else 'cpu'}", f"--out_dir={out_dir}"]
-                if mm:
-                    cmd.append(f"--matmul_tflops={mm}")
-                print("torchrun " + " ".join(cmd[3:]), flush=True)
-                r = subprocess.run(cmd, capture_output=True, text=True)
-                log = os.path.join(out_dir, "log.jsonl")
-                if r.returncode != 0 or not os.path.exists(log):
-                    rows.append(dict(gpus=n, compile=comp, status=f"failed (exit {r.returncode}): "
-                                                                   f"{(r.stderr or r.stdout).strip()[-300:]}"))
-                    print(f"  failed: {rows[-1]['status']}", flush=True)
-                    continue
-                recs = [json.loads(line) for line in open(log)][1:]     # the first interval holds compilation
-                med = lambda k: sorted(x[k] for x in recs)[len(recs) // 2] if recs and k in recs[0] else None
-                rows.append(dict(gpus=n, compile=comp, status="ok", tokens_per_s=med("tokens_per_s"),
-                                 tokens_per_s_per_gpu=med("tokens_per_s_per_device"), mfu=med("mfu"),
-                                 mfu_measured_matmul=med("mfu_measured"), intervals=len(recs)))
+        runs = [(comp, par, n) for comp in cfg["compile"].split(",") for par in cfg["parallel"].split(",")
+                for n in gpus if par == "fsdp" or n > 1]
+        for comp, par, n in runs:
+            out_dir = os.path.join(tmp, f"run-{n}-{comp}-{par}")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   os.path.join(ROOT, "train.py"),
+                   f"--preset={cfg['preset']}", f"--data={data}", f"--seq_len={cfg['seq_len']}",
+                   f"--batch_size={cfg['batch_size']}", f"--max_iters={cfg['iters']}", "--warmup_iters=5",
+                   f"--log_interval={cfg['log_interval']}", f"--compile={comp}", "--eval_samples=0",
+                   "--ckpt_interval=0", f"--device={'cuda' if cuda else 'cpu'}", f"--out_dir={out_dir}",
+                   f"--parallel={par}"]
+            if mm:
+                cmd.append(f"--matmul_tflops={mm}")
+            print("torchrun " + " ".join(cmd[3:]), flush=True)
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            log = os.path.join(out_dir, "log.jsonl")
+            if r.returncode != 0 or not os.path.exists(log):
+                rows.append(dict(gpus=n, compile=comp, parallel=par, status=f"failed (exit {r.returncode}): "
+                                                               f"{(r.stderr or r.stdout).strip()[-300:]}"))
+                print(f"  failed: {rows[-1]['status']}", flush=True)
+                continue
+            recs = [json.loads(line) for line in open(log)][1:]     # the first interval holds compilation
+            med = lambda k: sorted(x[k] for x in recs)[len(recs) // 2] if recs and k in recs[0] else None
+            rows.append(dict(gpus=n, compile=comp, parallel=par, status="ok", tokens_per_s=med("tokens_per_s"),
+                             tokens_per_s_per_gpu=med("tokens_per_s_per_device"), mfu=med("mfu"),
+                             mfu_measured_matmul=med("mfu_measured"), intervals=len(recs)))
         for r in rows:
+            # against one GPU: the N=1 run (FSDP over a world of 1 shards nothing) with the same compile setting
             base = next((b for b in rows if b["compile"] == r["compile"] and b["gpus"] == 1 and b["status"] == "ok"), None)
             if r["status"] == "ok" and base:
                 r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{'N':>3} {'compile':>7} {'tokens/s':>10} {'per GPU':>10} {'MFU':>6} {'scaling':>8}")
+    print(f"{'N':>3} {'mode':>5} {'compile':>7} {'tokens/s':>10} {'per GPU':>10} {'MFU':>6} {'scaling':>8}")
     for r in rows:
         if r["status"] != "ok":
-            print(f"{r['gpus']:>3} {r['compile']:>7}  {r['status'][:80]}")
+            print(f"{r['gpus']:>3} {r['parallel']:>5} {r['compile']:>7}  {r['status'][:80]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
         eff = f"{100 * r['scaling_efficiency']:.0f}%" if r.get("scaling_efficiency") else "-"
-        print(f"{r['gpus']:>3} {r['compile']:>7} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_gpu']:>10,.0f} "
+        print(f"{r['gpus']:>3} {r['parallel']:>5} {r['compile']:>7} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_gpu']:>10,.0f} "
               f"{mfu:>6} {eff:>8}")
     write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
                {"provenance": provenance(card), "preset": cfg["preset"], "seq_len": cfg["seq_len"],
                 "batch_size_per_gpu": cfg["batch_size"], "matmul_tflops": mm,
-                "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root) for every N, including "
-                         "N=1; MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
-                         "bf16 peak (989 TFLOP/s H100/H200 SXM), and over the measured matmul rate. DDP is not "
-                         "in train.py yet, so there is no DDP row.",
+                "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root; bf16 params, fp32 "
+                         "reduce) for every N, including N=1; DDP (--parallel=ddp: fp32 replica, bf16 autocast) for "
+                         "N >= 2. MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
+                         "bf16 peak (989 TFLOP/s H100/H200 SXM), and over the measured matmul rate.",
                 "rows": rows})
 
 

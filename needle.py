@@ -137,8 +137,12 @@ def _value(rng):
 
 # ----------------------------------------------------------------------------- prompt format
 # RULER's niah template adapted to chat: the instruction and the context in the user turn, the question
-# after the context; RULER's answer prefix ("The special magic numbers for X mentioned in the provided
-# text are") opens the assistant's answer. Singular wording when exactly one value is asked, as RULER.
+# after the context. Singular wording when exactly one value is asked, as RULER. The answer quotes the
+# needle ("... for {key} is: {value}") rather than RULER's answer prefix ("... for {key} mentioned in the
+# provided text is"): then the tokens before each value are the needle's own, and an induction head can
+# copy it. With RULER's prefix a small model learned to copy the later digits from their predecessors but
+# never found the first one ("is " occurs nowhere near the value): 0% exact after 7,600 steps at 512
+# tokens (results/gpu_log.md, attempt 5).
 def _texts(query_keys, values):
     one = len(values) == 1
     noun, verb = ("number", "is") if one else ("numbers", "are")
@@ -146,7 +150,7 @@ def _texts(query_keys, values):
     intro = (f"{'A' if one else 'Some'} special magic {noun} {verb} hidden within the following text. "
              f"Make sure to memorize it. I will quiz you about the {noun} afterwards.")
     question = f"What {'is the' if one else 'are all the'} special magic {noun} for {query} mentioned in the provided text?"
-    answer = f"The special magic {noun} for {query} mentioned in the provided text {verb} {', '.join(values)}."
+    answer = f"The special magic {noun} for {query} {verb}: {', '.join(values)}."
     return intro, question, answer
 
 

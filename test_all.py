@@ -689,7 +689,7 @@ def test_needle_training_batch():
         if len(keys) == 1 and len(vals) > 1:
             shapes.add("multivalue")
         noun, verb = ("number", "is") if len(vals) == 1 else ("numbers", "are")
-        assert target == f"The special magic {noun} for {q} mentioned in the provided text {verb} {', '.join(vals)}.<|im_end|>"
+        assert target == f"The special magic {noun} for {q} {verb}: {', '.join(vals)}.<|im_end|>"
         lens.append(last + 2)
     assert len(set(lens)) > B // 2 and max(lens) <= T                   # mixed lengths
     # deterministic in (seed, step, rank, world); one global stream whatever the world size
@@ -928,8 +928,9 @@ def train_fsdp_run(tmp_path_factory):
 
 
 def test_train_fsdp_two_ranks_match_one_process(train_fsdp_run):
-    """FSDP2 over 2 gloo ranks gives one plain process's losses and weights (same global batch, float32)."""
-    tmp, _ = train_fsdp_run
+    """FSDP2 over 2 gloo ranks, and DDP over 2, give one plain process's losses and weights (same global
+    batch, float32)."""
+    tmp, args = train_fsdp_run
     r = _train_cli(_train_args(tmp, "single", tmp / "text.txt", 6, "--batch_size=4"), tmp)
     assert r.returncode == 0, r.stderr
     a, b = _train_losses(tmp / "fsdp"), _train_losses(tmp / "single")
@@ -943,6 +944,15 @@ def test_train_fsdp_two_ranks_match_one_process(train_fsdp_run):
         torch.testing.assert_close(wa["model"][k], v, rtol=1e-4, atol=1e-6)
     for k, st in wb["optimizer"]["state"].items():              # optimizer state gathered from the shards
         torch.testing.assert_close(wa["optimizer"]["state"][k]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-3, atol=1e-12)
+    # --parallel=ddp (bench.py's comparison row) on the same 2 ranks: the same losses and checkpoint too
+    ddp = [a.replace("--out_dir=" + str(tmp / "fsdp"), "--out_dir=" + str(tmp / "ddp")) for a in args]
+    r = _train_cli(ddp + ["--parallel=ddp"], tmp, torchrun=True)
+    assert r.returncode == 0 and "DDP" in r.stdout, r.stdout + r.stderr
+    for (_, x), (_, y) in zip(_train_losses(tmp / "ddp"), b):
+        assert abs(x - y) <= 2e-5 * abs(y)
+    wd = M.read_checkpoint(tmp / "ddp" / "ckpt.pt")
+    for k, v in wb["model"].items():
+        torch.testing.assert_close(wd["model"][k], v, rtol=1e-4, atol=1e-6)
 
 
 def test_train_sigterm_resume_is_exact(tmp_path):

@@ -42,7 +42,8 @@ class TrainConfig:
     # I/O
     out_dir: str = "out/tiny"          # ckpt.pt, log.jsonl and eval.json go here
     resume: bool = False               # continue from out_dir/ckpt.pt (weights, optimizer, step, RNG); fresh if absent
-    init_from: str = ""                # start from this checkpoint's weights (fresh optimizer and schedule)
+    init_from: str = ""                # start from these weights: a ckpt.pt, its folder, or a Hugging Face export
+                                       # (fresh optimizer and schedule)
     ckpt_interval: int = 100           # save every N steps (0: only at the end, or on SIGTERM)
     log_interval: int = 10             # log every N steps (stdout, out_dir/log.jsonl, W&B)
     # model
@@ -71,6 +72,7 @@ class TrainConfig:
     device: str = "auto"               # auto (cuda if available), cpu or cuda
     dtype: str = "auto"                # auto (bfloat16 on CUDA, else float32), float32 or bfloat16
     compile: str = "auto"              # torch.compile each block: auto (on for CUDA), True or False
+    parallel: str = "fsdp"             # under torchrun: fsdp (FSDP2, sharded) or ddp (a full replica per process)
     act_ckpt: bool = False             # activation checkpointing of every block
     threads: int = 0                   # torch threads per process on CPU (0: cores / processes on this node)
     # logging
@@ -172,7 +174,7 @@ def check_config(cfg):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be >= 0")
     choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
-               "compile": ("auto", "True", "False")}
+               "compile": ("auto", "True", "False"), "parallel": ("fsdp", "ddp")}
     for key, ok in choices.items():
         if getattr(cfg, key) not in ok:
             raise ConfigError(f"--{key}={getattr(cfg, key)!r} is not one of {', '.join(ok)}")
@@ -256,9 +258,13 @@ def needle_batches(cfg):
                                                   rank=micro * world + rank, world=world * cfg.grad_accum,
                                                   max_pos=cfg.max_pos or None, variants=variants,
                                                   haystacks=haystacks)
+        if fixed:
+            return idx, targets, pos
         # rows are right-padded: drop the columns after the last target (causal, so the loss is unchanged)
         keep = int((targets != -1).any(0).nonzero().max()) + 1
         return idx[:, :keep], targets[:, :keep], pos[:, :keep]
+    # torch.compile would recompile for every new width: compiled runs keep the full seq_len
+    fixed = cfg.compile == "True" or (cfg.compile == "auto" and cfg.device != "cpu" and torch.cuda.is_available())
     return get
 
 
@@ -332,7 +338,8 @@ def get_lr(step, cfg):
 
 
 def parallelize(model, cfg, device, dtype, mesh):
-    """Activation checkpointing, then torch.compile, then FSDP2 per block and root (torchtitan's order)."""
+    """Activation checkpointing, then torch.compile, then FSDP2 per block and root (torchtitan's order),
+    or DDP for --parallel=ddp (the seed's comparison: every process holds all weights, gradients, moments)."""
     if cfg.act_ckpt:
         from torch.utils.checkpoint import checkpoint
         for block in model.layers:  # wrap forward in place: parameter names stay those of model.py
@@ -342,6 +349,9 @@ def parallelize(model, cfg, device, dtype, mesh):
             block.compile()
     if mesh is None:
         return model.to(device)
+    if cfg.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model.to(device), device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.layers):
@@ -388,10 +398,19 @@ def save(path, model, optimizer, step, cfg, rank, **extra):
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
-        M.save_checkpoint(path, model, state_dict=msd, optimizer=osd, step=step,
+        M.save_checkpoint(path, getattr(model, "module", model), state_dict=msd, optimizer=osd, step=step,  # DDP: .module
                           data={"source": cfg.data, "position": step}, train_config=asdict(cfg), rng=rng, **extra)
     if dist.is_initialized():
         dist.barrier()
+
+
+def read_weights(src, resume=False):
+    """The checkpoint dict to start from: out_dir/ckpt.pt whole when resuming; for --init_from a ckpt.pt,
+    its folder, or a Hugging Face folder from model.export_hf (weights and config only)."""
+    if resume or os.path.isfile(src):
+        return M.read_checkpoint(src)
+    model = M.load_checkpoint(src)
+    return {"config": asdict(model.config), "model": model.state_dict()}
 
 
 def load_state(model, optimizer, obj):
@@ -497,7 +516,7 @@ def train(cfg, model=None, batches=None, loss_fn=None):
     # what to start from: rank 0 reads the checkpoint; the others get its small fields by broadcast
     src = path if cfg.resume and _rank0(lambda: os.path.exists(path), rank, share=True) else None
     src = src or cfg.init_from or None
-    obj = _rank0(lambda: M.read_checkpoint(src), rank) if src else None
+    obj = _rank0(lambda: read_weights(src, resume=src == path), rank) if src else None
     meta = _broadcast({k: v for k, v in obj.items() if k not in ("model", "optimizer")} if obj else None)
     resuming = src == path
     if cfg.resume and not resuming:
@@ -532,11 +551,12 @@ def train(cfg, model=None, batches=None, loss_fn=None):
         else:
             batches = token_batches(cfg, _rank0(lambda: prepare_tokens(cfg), rank, share=True))
     loss_fn = loss_fn or lm_loss
-    autocast = (torch.autocast(device.type, dtype) if mesh is None and dtype != torch.float32 else nullcontext())
+    fsdp = mesh is not None and cfg.parallel == "fsdp"     # else DDP, or one process: a plain module
+    autocast = torch.autocast(device.type, dtype) if not fsdp and dtype != torch.float32 else nullcontext()
     log = Logger(cfg, rank, start if resuming else 0, (meta or {}).get("wandb_id") if resuming else None)
     peak = peak_flops(cfg, device)
     say(rank, f"train: {n_params / 1e6:.2f}M non-embedding parameters, world {world} on {device.type} "
-              f"({'FSDP2' if mesh else 'one process'}, {str(dtype).removeprefix('torch.')}), global batch "
+              f"({'one process' if mesh is None else cfg.parallel.upper() + ('2' if fsdp else '')}, {str(dtype).removeprefix('torch.')}), global batch "
               f"{cfg.batch_size * cfg.grad_accum * world} x {cfg.seq_len}, steps {start}..{cfg.max_iters}, "
               f"data {cfg.data}, out {cfg.out_dir}")
 
@@ -557,11 +577,14 @@ def train(cfg, model=None, batches=None, loss_fn=None):
             metrics = {}
             for micro in range(cfg.grad_accum):
                 batch = _to(batches(step, micro, rank, world), device)
-                if mesh is not None:    # reduce-scatter gradients only after the last micro-batch
-                    model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-                with autocast:
-                    out = loss_fn(model, batch)
-                out[0].backward()
+                last = micro == cfg.grad_accum - 1     # reduce gradients only after the last micro-batch
+                if fsdp:
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if mesh is not None and not fsdp and not last else nullcontext()
+                with sync:
+                    with autocast:
+                        out = loss_fn(model, batch)
+                    out[0].backward()
                 loss_sum += out[0].detach().double()
                 count += torch.as_tensor(out[1], dtype=torch.float64, device=device)
                 for k, v in (out[2] if len(out) > 2 else {}).items():
@@ -575,7 +598,7 @@ def train(cfg, model=None, batches=None, loss_fn=None):
             if dist.is_initialized():
                 dist.all_reduce(stats)       # global sums; the stop flag too, so all ranks stop at the same step
             stats = stats.tolist()
-            # gradients hold d(local sum)/dw, averaged over ranks by FSDP: rescale to d(global mean)/dw
+            # gradients hold d(local sum)/dw, averaged over ranks by FSDP or DDP: rescale to d(global mean)/dw
             scale = (world if mesh is not None else 1) / max(stats[1], 1.0)
             for p in model.parameters():
                 if p.grad is not None:
