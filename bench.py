@@ -455,17 +455,36 @@ def bench_train(argv):
     data = os.path.join(tmp, "tokens.bin")   # random tokens: throughput does not depend on the text
     np.random.default_rng(0).integers(0, 264, 8 * 1024 * 1024, dtype=np.uint16).tofile(data)
     rows = []
+
+    def dump():   # after every run: a call cut short keeps what it measured
+        for r in rows:
+            # against one GPU: the N=1 run (FSDP over a world of 1 shards nothing) with the same compile setting
+            base = next((b for b in rows if b["compile"] == r["compile"] and b["gpus"] == 1 and b["status"] == "ok"),
+                        None)
+            if r["status"] == "ok" and base:
+                r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
+        write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
+                   {"provenance": provenance(card), "preset": cfg["preset"], "seq_len": cfg["seq_len"],
+                    "batch_size_per_gpu": cfg["batch_size"], "matmul_tflops": mm,
+                    "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root; bf16 params, fp32 "
+                             "reduce) for every N, including N=1; DDP (--parallel=ddp: fp32 replica, bf16 autocast) for "
+                             "N >= 2. MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
+                             "bf16 peak (989 TFLOP/s H100/H200 SXM), and over the measured matmul rate.",
+                    "rows": rows})
+
     try:
         runs = [(comp, par, n) for comp in cfg["compile"].split(",") for par in cfg["parallel"].split(",")
                 for n in gpus if par == "fsdp" or n > 1]
         for comp, par, n in runs:
+            if rows:
+                dump()
             out_dir = os.path.join(tmp, f"run-{n}-{comp}-{par}")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    os.path.join(ROOT, "train.py"),
                    f"--preset={cfg['preset']}", f"--data={data}", f"--seq_len={cfg['seq_len']}",
                    f"--batch_size={cfg['batch_size']}", f"--max_iters={cfg['iters']}", "--warmup_iters=5",
                    f"--log_interval={cfg['log_interval']}", f"--compile={comp}", "--eval_samples=0",
-                   "--ckpt_interval=0", f"--device={'cuda' if cuda else 'cpu'}", f"--out_dir={out_dir}",
+                   "--ckpt_interval=-1", f"--device={'cuda' if cuda else 'cpu'}", f"--out_dir={out_dir}",
                    f"--parallel={par}"]
             if mm:
                 cmd.append(f"--matmul_tflops={mm}")
@@ -482,12 +501,8 @@ def bench_train(argv):
             rows.append(dict(gpus=n, compile=comp, parallel=par, status="ok", tokens_per_s=med("tokens_per_s"),
                              tokens_per_s_per_gpu=med("tokens_per_s_per_device"), mfu=med("mfu"),
                              mfu_measured_matmul=med("mfu_measured"), intervals=len(recs)))
-        for r in rows:
-            # against one GPU: the N=1 run (FSDP over a world of 1 shards nothing) with the same compile setting
-            base = next((b for b in rows if b["compile"] == r["compile"] and b["gpus"] == 1 and b["status"] == "ok"), None)
-            if r["status"] == "ok" and base:
-                r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
     finally:
+        dump()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'N':>3} {'mode':>5} {'compile':>7} {'tokens/s':>10} {'per GPU':>10} {'MFU':>6} {'scaling':>8}")
     for r in rows:
@@ -498,14 +513,6 @@ def bench_train(argv):
         eff = f"{100 * r['scaling_efficiency']:.0f}%" if r.get("scaling_efficiency") else "-"
         print(f"{r['gpus']:>3} {r['parallel']:>5} {r['compile']:>7} {r['tokens_per_s']:>10,.0f} {r['tokens_per_s_per_gpu']:>10,.0f} "
               f"{mfu:>6} {eff:>8}")
-    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
-               {"provenance": provenance(card), "preset": cfg["preset"], "seq_len": cfg["seq_len"],
-                "batch_size_per_gpu": cfg["batch_size"], "matmul_tflops": mm,
-                "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root; bf16 params, fp32 "
-                         "reduce) for every N, including N=1; DDP (--parallel=ddp: fp32 replica, bf16 autocast) for "
-                         "N >= 2. MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
-                         "bf16 peak (989 TFLOP/s H100/H200 SXM), and over the measured matmul rate.",
-                "rows": rows})
 
 
 def bench_serve(argv):
@@ -554,6 +561,16 @@ def bench_serve(argv):
              f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg['page'])}",
              f"--max_num_batched_tokens={max(2048, max(levels))}", "--served_model_name=bench"]
     rows = []
+
+    def dump(more=()):   # after every level: a call cut short keeps what it measured (more: baseline rows so far)
+        result = {"provenance": provenance(card), "config": {**cfg, "ckpt": cfg["ckpt"] or f"random {cfg['preset']}",
+                                                             "server_flags": flags[1:], "requests": n_req},
+                  "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
+                           "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
+                           "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
+                           "after a device sync); its TTFT is the batch's prefill.", "rows": rows + list(more)}
+        write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
+
     proc, url = serve.spawn_server(flags, os.path.join(tmp, "server.log"))
     try:
         def body(i):
@@ -568,21 +585,16 @@ def bench_serve(argv):
             print(f"serve.py     c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
                   f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms  "
                   f"{row['statuses']}", flush=True)
+            dump()
     finally:
         proc.terminate()
         proc.wait(timeout=120)
     if cfg["baseline"]:
-        rows += hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg["dtype"])
-    result = {"provenance": provenance(card), "config": {**cfg, "ckpt": cfg["ckpt"] or f"random {cfg['preset']}",
-                                                         "server_flags": flags[1:], "requests": n_req},
-              "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
-                       "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
-                       "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
-                       "after a device sync); its TTFT is the batch's prefill.", "rows": rows}
-    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
+        rows += hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg["dtype"], dump)
+    dump()
 
 
-def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype):
+def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, dump=None):
     """transformers' generate on `serve.py --export`: greedy, exactly T new tokens, batches of c prompts."""
     import transformers
     import model as M
@@ -637,6 +649,8 @@ def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype):
         rows.append(row)
         print(f"transformers c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
               f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms", flush=True)
+        if dump:
+            dump(rows)
     return rows
 
 

@@ -44,7 +44,7 @@ class TrainConfig:
     resume: bool = False               # continue from out_dir/ckpt.pt (weights, optimizer, step, RNG); fresh if absent
     init_from: str = ""                # start from these weights: a ckpt.pt, its folder, or a Hugging Face export
                                        # (fresh optimizer and schedule)
-    ckpt_interval: int = 100           # save every N steps (0: only at the end, or on SIGTERM)
+    ckpt_interval: int = 100           # save every N steps (0: only at the end, or on SIGTERM; -1: never, benchmarks)
     log_interval: int = 10             # log every N steps (stdout, out_dir/log.jsonl, W&B)
     # model
     preset: str = "tiny"               # model.PRESETS key (with --init_from/--resume: the checkpoint's config)
@@ -58,7 +58,7 @@ class TrainConfig:
     # optimisation
     batch_size: int = 16               # rows per micro-batch per process
     grad_accum: int = 1                # micro-batches per step; global batch = batch_size * grad_accum * world
-    max_iters: int = 1000              # optimizer steps
+    max_iters: int = 200               # optimizer steps (the CPU main job: ~2.5 s each on 2 cores)
     lr: float = 2e-3                   # peak learning rate
     min_lr: float = 2e-4               # the cosine's floor
     warmup_iters: int = 50             # linear warmup steps
@@ -170,7 +170,9 @@ def check_config(cfg):
     for key in ("batch_size", "grad_accum", "seq_len", "log_interval"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"--{key} must be >= 1")
-    for key in ("max_iters", "ckpt_interval", "warmup_iters", "lr_decay_iters", "eval_samples", "threads", "max_pos"):
+    if cfg.ckpt_interval < -1:
+        raise ConfigError("--ckpt_interval must be >= -1")
+    for key in ("max_iters", "warmup_iters", "lr_decay_iters", "eval_samples", "threads", "max_pos"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"--{key} must be >= 0")
     choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", "float32", "bfloat16"),
@@ -626,7 +628,8 @@ def train(cfg, model=None, batches=None, loss_fn=None):
                     line += f" | {100 * rec['mfu_measured']:.1f}% of matmul"
                 log(rec, line + f" | {1000 * dt / steps_log:.0f} ms/step")
                 t_log, steps_log, tok_log, flop_log = time.perf_counter(), 0, 0, 0.0
-            if preempted or step == cfg.max_iters or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0):
+            if cfg.ckpt_interval >= 0 and (preempted or step == cfg.max_iters
+                                           or (cfg.ckpt_interval and step % cfg.ckpt_interval == 0)):
                 t0 = time.perf_counter()
                 save(path, model, optimizer, step, cfg, rank, **extra)
                 say(rank, f"saved {path} at step {step} ({time.perf_counter() - t0:.1f} s)")
