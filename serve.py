@@ -67,6 +67,7 @@ class ServeConfig:
     max_num_seqs: int = 64              # running sequences (the decode batch)
     max_num_batched_tokens: int = 2048  # tokens one engine step may feed (decode + prefill chunks)
     max_queue: int = 1024               # waiting requests; beyond this a request gets 503 + Retry-After
+    enforce_eager: bool = False         # decode without CUDA graphs (graphs: CUDA, MLA and a 16-bit cache only)
     drain_timeout: int = 600            # seconds SIGTERM waits for running requests before it cancels them
     access_log: bool = False            # uvicorn's line per request (on stdout)
     export: str = ""                    # write the Hugging Face export to this folder and exit (or: for --backend=vllm)
@@ -179,8 +180,18 @@ class Engine:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         mc = model.config
-        self.kv = torch.zeros(mc.num_hidden_layers, cfg.num_blocks, cfg.page, M.cache_width(mc),
-                              dtype=self.dtype, device=self.device)              # (L, num_blocks, page, width)
+        # one block past the pool, never allocated: the padding rows of a fixed-shape decode write there
+        self.kv = torch.zeros(mc.num_hidden_layers, cfg.num_blocks + 1, cfg.page, M.cache_width(mc),
+                              dtype=self.dtype, device=self.device)              # (L, num_blocks + 1, page, width)
+        self.scratch = cfg.num_blocks
+        # Decode as CUDA-graph replays (vLLM's default): an eager step of a deep model is hundreds of kernel
+        # launches, ~30 ms for the 1b preset at any batch. A graph needs fixed shapes, so the batch is padded
+        # up to a bucket and the block table to max_model_len's pages. MLA on a 16-bit cache only: the PyTorch
+        # decode paths read lengths on the host, which a capture cannot do.
+        self.use_graphs = (not cfg.enforce_eager and self.device.type == "cuda" and mc.attn == "mla"
+                           and self.dtype in (torch.bfloat16, torch.float16))
+        self.buckets = sorted({min(2 ** i, cfg.max_num_seqs) for i in range(cfg.max_num_seqs.bit_length() + 1)})
+        self.graphs, self.static, self.pool = {}, None, None
         self.free = list(range(cfg.num_blocks - 1, -1, -1))                      # a stack: pop() -> lowest first
         self.inbox, self.waiting, self.running = deque(), deque(), []
         self.metrics, self.deliver = metrics, deliver or (lambda batch: None)
@@ -322,14 +333,69 @@ class Engine:
         return torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
 
     def _decode(self, rows):
-        idx = torch.tensor([[r.ids[-1]] for r in rows]).to(self.device, non_blocking=True)             # (B, 1)
-        lens = [r.num_computed for r in rows]
-        cache = M.Cache(self.kv, self._table(rows, max(lens) + 1),
-                        torch.tensor(lens, dtype=torch.int32).to(self.device, non_blocking=True))
-        logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
+        if self.use_graphs:
+            logits = self._decode_fixed(rows)
+        else:
+            idx = torch.tensor([[r.ids[-1]] for r in rows]).to(self.device, non_blocking=True)         # (B, 1)
+            lens = [r.num_computed for r in rows]
+            cache = M.Cache(self.kv, self._table(rows, max(lens) + 1),
+                            torch.tensor(lens, dtype=torch.int32).to(self.device, non_blocking=True))
+            logits = self.model(idx, cache=cache)[:, -1]                                                 # (B, V)
         for r in rows:
             r.num_computed += 1
         self._sample(rows, logits)
+
+    def _decode_fixed(self, rows):
+        """The decode step on static buffers: rows padded to a bucket of Bb (padding rows: length 0, table all
+        scratch), tables padded with the scratch block to W pages. On CUDA a graph per bucket is replayed."""
+        B, Bb = len(rows), next(b for b in self.buckets if b >= len(rows))
+        if self.static is None:
+            n = self.cfg.max_num_seqs
+            W = self._blocks_for(self.cfg.max_model_len) if self.cfg.max_model_len else self.cfg.num_blocks
+            self.static = {"idx": torch.zeros(n, 1, dtype=torch.long, device=self.device),                # (n, 1)
+                           "table": torch.full((n, W), self.scratch, dtype=torch.int32, device=self.device),
+                           "lens": torch.zeros(n, dtype=torch.int32, device=self.device)}                # (n,)
+        W, pad = self.static["table"].shape[1], Bb - B
+        host = {"idx": torch.tensor([[r.ids[-1]] for r in rows] + [[0]] * pad),
+                "table": torch.tensor([r.blocks[:W] + [self.scratch] * (W - len(r.blocks[:W])) for r in rows]
+                                      + [[self.scratch] * W] * pad, dtype=torch.int32),
+                "lens": torch.tensor([r.num_computed for r in rows] + [0] * pad, dtype=torch.int32)}
+        for k, v in host.items():
+            self.static[k][:Bb].copy_(v, non_blocking=True)
+        if Bb not in self.graphs:
+            self.graphs[Bb] = self._capture(Bb)
+        return self.graphs[Bb]()[:B]                                                                    # (B, V)
+
+    def _capture(self, Bb):
+        """A function running the decode of the first Bb static rows and returning its logits (Bb, V)."""
+        st = {k: v[:Bb] for k, v in self.static.items()}
+
+        def run():
+            return self.model(st["idx"], cache=M.Cache(self.kv, st["table"], st["lens"]))[:, -1]
+        if self.device.type != "cuda":
+            return run          # tests: the same buffers and padding, eager
+        # the warm-up step (Triton compiles and tunes here, outside the capture) writes into the scratch block
+        # only; forward() advances lens in place, so the real inputs are put back before the first replay
+        saved = {k: v.clone() for k, v in st.items()}
+        st["table"].fill_(self.scratch)
+        st["lens"].zero_()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        st["lens"].zero_()
+        self.pool = self.pool or torch.cuda.graph_pool_handle()   # buckets share one memory pool
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = run()
+        for k, v in saved.items():
+            st[k].copy_(v)
+
+        def replay():
+            graph.replay()
+            return out
+        return replay
 
     def _prefill(self, rows, n):
         c = rows[0].num_computed
@@ -1146,8 +1212,8 @@ def main(argv):
     app = build_app(engine, cfg, metrics)
     print(f"serve.py: {cfg.served_model_name} ({model.num_params() / 1e6:.2f}M non-embedding params) on {device} "
           f"{str(dtype).removeprefix('torch.')}; kv cache {cfg.num_blocks} blocks x {cfg.page} tokens "
-          f"({cfg.num_blocks * cfg.page * per_token / 2**20:.0f} MiB), max_model_len {cfg.max_model_len}; "
-          f"http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
+          f"({cfg.num_blocks * cfg.page * per_token / 2**20:.0f} MiB), max_model_len {cfg.max_model_len}, decode "
+          f"{'CUDA graphs' if engine.use_graphs else 'eager'}; http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
     # uvicorn drains on SIGTERM (no new connections, running requests finish), then re-raises the signal:
     # exit 0 at that point instead of dying of it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
