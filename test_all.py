@@ -1106,6 +1106,24 @@ def test_train_needle_batches_trim_is_exact():
     assert n == n2 > 0 and a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
+def test_train_row_exact_metric():
+    """lm_loss's row_exact: a row counts only when every target is the argmax. Targets made from the model's own
+    argmax (row 0), the same with one target changed (row 1), all ignored but one wrong (row 2): 1/3."""
+    torch.manual_seed(0)
+    m = M.Transformer(M.PRESETS["tiny"]).eval()
+    idx = torch.randint(0, 256, (3, 12))
+    with torch.no_grad():
+        best = m(idx).argmax(-1)                                             # (3, 12)
+    targets = best.clone()
+    targets[1, 5] = (best[1, 5] + 1) % 256
+    targets[2] = -1
+    targets[2, 7] = (best[2, 7] + 1) % 256
+    targets[0, :4] = -1
+    with torch.no_grad():
+        loss, n, metrics = T.lm_loss(m, (idx, targets, None))
+    assert int(n) == 8 + 12 + 1 and metrics["row_exact"][1] == 3 and int(metrics["row_exact"][0]) == 1
+
+
 def test_train_lr_schedule_closed_form():
     cfg = T.TrainConfig(lr=1.0, min_lr=0.1, warmup_iters=10, max_iters=110)
     assert T.get_lr(0, cfg) == pytest.approx(1 / 11) and T.get_lr(9, cfg) == pytest.approx(10 / 11)

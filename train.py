@@ -321,11 +321,15 @@ def _csv(s):
 # ----------------------------------------------------------------------------- loss, schedule, model
 def lm_loss(model, batch):
     """Summed next-token cross-entropy over targets != -1, and their count. train() divides by the
-    global count, so every target token weighs the same however rows are split over ranks."""
+    global count, so every target token weighs the same however rows are split over ranks. Also logged:
+    row_exact, the fraction of rows whose every target is the argmax (teacher-forced). On needle data that is
+    retrieval accuracy, the number the loss hides: a loss that falls from copying six digits of seven
+    still scores 0 (results/gpu_log.md, attempt 5)."""
     idx, targets, pos = batch
     logits = model(idx, pos=pos)                                              # (B, T, V)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="sum")
-    return loss, (targets != -1).sum()
+    wrong = (logits.argmax(-1) != targets) & (targets != -1)                  # (B, T)
+    return loss, (targets != -1).sum(), {"row_exact": ((~wrong).all(1).sum(), targets.shape[0])}
 
 
 def get_lr(step, cfg):
@@ -498,9 +502,10 @@ def train(cfg, model=None, batches=None, loss_fn=None):
     model:   an unsharded model.Transformer to train (default: the preset, or --init_from's weights).
     batches: batches(step, micro, rank, world) -> batch of CPU tensors (default: --data); a pure function
              of its arguments, so that resume repeats the data exactly.
-    loss_fn: loss_fn(model, batch) -> (loss_sum, count) or (loss_sum, count, {name: sum}): summed over
-             count units (tokens, pairs); the step's loss is the global sum / the global count, and
-             metrics are logged the same way (sum / count). Default: lm_loss.
+    loss_fn: loss_fn(model, batch) -> (loss_sum, count) or (loss_sum, count, metrics): summed over count
+             units (tokens, pairs); the step's loss is the global sum / the global count. metrics
+             {name: sum} are logged as global sum / global count, {name: (sum, n)} as global sum / global n.
+             Default: lm_loss.
     --resume loads weights, optimizer, step and RNG from out_dir/ckpt.pt into whatever model is trained.
     """
     rank, world, device = setup_distributed(cfg.device)
@@ -589,14 +594,16 @@ def train(cfg, model=None, batches=None, loss_fn=None):
                     out[0].backward()
                 loss_sum += out[0].detach().double()
                 count += torch.as_tensor(out[1], dtype=torch.float64, device=device)
-                for k, v in (out[2] if len(out) > 2 else {}).items():
-                    metrics[k] = metrics.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64, device=device).detach()
+                for k, v in (out[2] if len(out) > 2 else {}).items():   # [sum, n]; n defaults to the count
+                    v = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).detach()
+                                     for x in (v if isinstance(v, tuple) else (v, out[1]))])
+                    metrics[k] = metrics[k] + v if k in metrics else v
                 rows, cols = _tokens(batch)
                 tok_log += rows * cols * world
                 flop_log += flops_per_token(cols) * rows * cols * world
             names = sorted(metrics)
-            stats = torch.stack([loss_sum, count, torch.tensor(float(stop["flag"]), dtype=torch.float64, device=device),
-                                 *[metrics[k] for k in names]])
+            flag = torch.tensor(float(stop["flag"]), dtype=torch.float64, device=device)
+            stats = torch.cat([torch.stack([loss_sum, count, flag]), *[metrics[k] for k in names]])
             if dist.is_initialized():
                 dist.all_reduce(stats)       # global sums; the stop flag too, so all ranks stop at the same step
             stats = stats.tolist()
@@ -617,9 +624,11 @@ def train(cfg, model=None, batches=None, loss_fn=None):
                 dt = time.perf_counter() - t_log
                 rec = {"step": step, "loss": loss, "lr": lr, "grad_norm": float(norm), "tokens_per_s": tok_log / dt,
                        "tokens_per_s_per_device": tok_log / dt / world, "time": time.time()}
-                rec.update({k: v / max(stats[1], 1.0) for k, v in zip(names, stats[3:])})
+                rec.update({k: stats[3 + 2 * i] / max(stats[4 + 2 * i], 1e-12) for i, k in enumerate(names)})
                 line = (f"step {step:>{len(str(cfg.max_iters))}}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
                         f"norm {float(norm):.2f} | {tok_log / dt:,.0f} tok/s")
+                if cfg.data == "needle" and "row_exact" in rec:
+                    line += f" | exact {rec['row_exact']:.3f}"
                 if peak:
                     rec["mfu"] = flop_log / dt / world / peak
                     line += f" | mfu {100 * rec['mfu']:.1f}%"
