@@ -224,25 +224,15 @@ class DPOConfig(T.TrainConfig):
 NOT_FOR_DPO = ("init_from", "preset", "data", "seq_len", "max_pos", "model")
 
 
-def print_help():
-    doc, cfg = T._help_lines(DPOConfig), DPOConfig()
-    own = [f.name for f in fields(DPOConfig) if f.name not in {g.name for g in fields(T.TrainConfig)}]
-    rest = [f.name for f in fields(T.TrainConfig) if f.name not in NOT_FOR_DPO]
-    print(__doc__.strip().split("\n\n")[0] + "\n\nFlags (--key=value; bools are True/False), DPO's first, then train.py's:")
-    for name in own + rest:
-        print(f"  {'--' + name + '=' + str(getattr(cfg, name)):<40} {doc.get(name, '')}")
-
-
 def parse_args(argv):
-    """train.py's parser on DPOConfig (its --key=value rules and checks), then DPO's own checks."""
-    if any(a in ("-h", "--help") for a in argv):
-        print_help()
-        sys.exit(0)
+    """model.parse_flags on DPOConfig (DPO's flags first, then train.py's), train.py's checks, then DPO's own."""
     for a in argv:
         key = a.removeprefix("--").partition("=")[0].partition(".")[0]
         if a.startswith("--") and key in NOT_FOR_DPO:
             raise T.ConfigError(f"--{key} is train.py's; dpo.py's model is --ckpt and its data the pairs (see --help)")
-    cfg = T.parse_args(argv, cls=DPOConfig)
+    own = [f.name for f in fields(DPOConfig) if f.name not in {g.name for g in fields(T.TrainConfig)}]
+    cfg = M.parse_flags(DPOConfig, argv, __doc__, own + [f.name for f in fields(T.TrainConfig) if f.name not in NOT_FOR_DPO])
+    T.check_config(cfg)
     if cfg.loss_type not in LOSS_TYPES:
         raise T.ConfigError(f"--loss_type={cfg.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     if not cfg.beta > 0:
@@ -376,7 +366,7 @@ def compare(cfg, device, pairs, result, wall):
     src = {}
     for p in pairs:
         src[p.get("rejected_source", "file")] = src.get(p.get("rejected_source", "file"), 0) + 1
-    res = {"provenance": T.provenance(device), "config": asdict(cfg),
+    res = {"provenance": M.provenance(device), "config": asdict(cfg),
            "pairs": {"n": len(pairs), "file": os.path.join(cfg.out_dir, "pairs.jsonl"), "rejected_source": src},
            "train": {"steps": result["step"], "final_loss": result["loss"], "wall_s": round(wall, 1),
                      "first": {k: logs[0].get(k) for k in keys} if logs else None,

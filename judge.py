@@ -13,16 +13,15 @@ import http.client
 import json
 import os
 import re
-import shlex
-import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, fields  # noqa: F401  (judge.fields: the tests list the flags)
+
+import model as M
 
 
 @dataclass
@@ -156,7 +155,7 @@ def parse_relative(text):
 def string_match_all(prediction, values):
     """RULER's string_match_all: the fraction of reference values found in the prediction, case-insensitive.
     needle.score must equal this function (test_judge_rule_matches_needle holds them together); it
-    lives here too so judge.py needs neither torch nor the tokenizer."""
+    lives here too so that judge.py reads results without needle.py."""
     p = prediction.lower()
     return sum(v.lower() in p for v in values) / len(values)
 
@@ -306,32 +305,8 @@ def summarize(rows):
     }
 
 
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def _version(pkg):
-    from importlib.metadata import version, PackageNotFoundError
-    try:
-        return version(pkg)  # read from metadata: judge.py never imports torch
-    except PackageNotFoundError:
-        return None
-
-
-def provenance(cfg, model):
-    return {"git_commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "card": "CPU",  # this is a client; the judge model runs behind judge_url
-            "torch": _version("torch"), "triton": _version("triton"),
-            "command": "python " + shlex.join(sys.argv), "judge_url": cfg.judge_url, "judge_model": model}
-
-
 def die(msg):
-    print(f"judge.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    M.die("judge.py", msg)
 
 
 def load_samples(path):
@@ -359,31 +334,7 @@ def load_samples(path):
 
 
 def parse_args(argv):
-    cfg = JudgeConfig()
-    types = {f.name: f.type for f in fields(JudgeConfig)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.split("\n\n")[0] + "\n\nFlags (--key=value):")
-            src = open(os.path.abspath(__file__)).read()
-            for f in fields(JudgeConfig):
-                m = re.search(rf"^    {f.name}: \w+ = .*?#\s*(.*)$", src, re.M)
-                print(f"  {'--' + f.name + '=' + str(getattr(cfg, f.name)):<42} {m.group(1) if m else ''}")
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            die(f"expected --key=value, got {arg!r} (see --help)")
-        if key not in types:
-            die(f"unknown flag --{key} (see --help)")
-        typ = types[key]
-        try:
-            if typ == "bool" or typ is bool:
-                if val.lower() not in ("1", "0", "true", "false"):
-                    raise ValueError
-                setattr(cfg, key, val.lower() in ("1", "true"))
-            else:
-                setattr(cfg, key, {"int": int, "float": float, "str": str}.get(typ, typ)(val))
-        except ValueError:
-            die(f"--{key}={val!r} is not a valid {getattr(typ, '__name__', typ)}")
+    cfg = M.parse_flags(JudgeConfig, argv, __doc__, prog="judge.py")
     if not cfg.input:
         die("--input=PATH (needle.py's results JSON) is required")
     for key in ("concurrency", "max_tokens"):
@@ -423,7 +374,8 @@ def main(argv):
         rows.append({"index": i, **{k: s.get(k) for k in ("length", "depth", "variant", "haystack", "seed")},
                      "question": s["question"], "prediction": s["prediction"], "values": s["values"],
                      "rule_score": string_match_all(s["prediction"], s["values"]), "stored_score": s.get("score"), **g})
-    result = {"provenance": provenance(cfg, model), "input_provenance": data.get("provenance"),
+    prov = M.provenance(card="CPU", judge_url=cfg.judge_url, judge_model=model)   # a client: the judge runs elsewhere
+    result = {"provenance": prov, "input_provenance": data.get("provenance"),
               "config": {**vars(cfg), "rubric_text": rubric, "system_prompt": ABS_SYSTEM},
               "samples": rows, "summary": summarize(rows)}
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

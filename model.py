@@ -3,8 +3,9 @@ InfiniteContext model: DeepSeek-V3's Multi-head Latent Attention (MLA) in one fi
 
 Read top to bottom: config and presets, tokenizer, RMSNorm, RoPE (+YaRN), the paged latent
 cache, MLA (naive path for training/prefill, absorbed path for decode), the MHA/GQA baseline,
-the transformer, generation, checkpoints. Field and weight names follow transformers'
-DeepseekV3 (and DeepSeek's convert.py), so export to Hugging Face is a name table, no permutation.
+the transformer, generation, checkpoints, Hugging Face export; last, the few command-line helpers
+the scripts share. Field and weight names follow transformers' DeepseekV3 (and DeepSeek's
+convert.py), so export to Hugging Face is a name table, no permutation.
 
 MLA in one paragraph (DeepSeek-V2/V3 paper, section 2.1.1), for x_t (hidden) at position t:
     c_t      = RMSNorm(W_DKV x_t)                 the latent, kv_lora_rank wide: all the cache holds
@@ -15,12 +16,17 @@ MLA in one paragraph (DeepSeek-V2/V3 paper, section 2.1.1), for x_t (hidden) at 
 Decode absorbs W_UK into the query (q^C . W_UK c = (W_UK^T q^C) . c) and W_UV into the output,
 so attention runs straight against the latent cache and K/V are never materialised.
 """
+import inspect
 import io
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
 
 import torch
 import torch.nn as nn
@@ -712,3 +718,102 @@ def load_hf(in_dir, dtype=torch.float32):
     except RuntimeError as e:
         fail(f"weights do not match config.json ({str(e)[:300]})")
     return model.to(dtype)
+
+
+# ----------------------------------------------------------------------------- command-line helpers shared by the scripts
+# nanoGPT-style flags: each script's config is a dataclass at its top, and the comment beside a field is its --help.
+class UsageError(ValueError):
+    """A bad flag or value: the scripts print it as one line on stderr and exit 2."""
+
+
+def die(prog, msg):
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def flag_docs(cls):
+    """{field: the comment beside it in the source} of a config dataclass and its bases."""
+    doc = {}
+    for c in reversed(cls.__mro__[:-1]):
+        for line in inspect.getsource(c).splitlines():
+            name, _, rest = line.strip().partition(":")
+            if name.isidentifier() and "#" in rest:
+                doc[name] = rest.split("#", 1)[1].strip()
+    return doc
+
+
+def parse_value(key, val, typ):
+    """val (str) as typ: bool (True/False, 1/0, yes/no), int, float, str, dict (JSON), or X | None ("None")."""
+    args = getattr(typ, "__args__", None)
+    if args and type(None) in args:                       # int | None, dict | None
+        if val in ("None", "none", "null"):
+            return None
+        typ = next(a for a in args if a is not type(None))
+    try:
+        if typ is bool:
+            if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return val.lower() in ("true", "1", "yes")
+        if typ is dict:
+            v = json.loads(val)
+            if not isinstance(v, dict):
+                raise ValueError
+            return v
+        return typ(val)
+    except ValueError:
+        raise UsageError(f"--{key}={val!r} is not a valid {typ.__name__}") from None
+
+
+def parse_flags(cls, argv, doc="", names=None, more="", prog=None):
+    """cls() with --key=value overrides from argv, typed by the field annotations (a bool may be --key alone;
+    --some-key is --some_key). names: the fields that are flags, in --help order (default: all). --help prints
+    doc's first paragraph, every flag with its default and comment, then `more`, and exits 0. Bad input raises
+    UsageError, or with prog given dies with one line."""
+    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
+    names = names or list(types)
+    try:
+        for arg in argv:
+            if arg in ("-h", "--help"):
+                help_ = flag_docs(cls)
+                print(doc.strip().split("\n\n")[0] + "\n\nFlags (--key=value; bools are True/False):")
+                for n in names:
+                    print(f"  {'--' + n + '=' + str(getattr(cfg, n)):<40} {help_.get(n, '')}".rstrip())
+                print(more, end="")
+                sys.exit(0)
+            key, eq, val = arg.removeprefix("--").partition("=")
+            key = key.replace("-", "_")
+            if not arg.startswith("--") or not (eq or types.get(key) is bool):
+                raise UsageError(f"expected --key=value, got {arg!r} (see --help)")
+            if key not in names:
+                raise UsageError(f"unknown config key --{key} (see --help)")
+            setattr(cfg, key, parse_value(key, val, types[key]) if eq else True)
+    except UsageError as e:
+        if prog is None:
+            raise
+        die(prog, str(e))
+    return cfg
+
+
+def provenance(device="cpu", card=None, **extra):
+    """What every results JSON carries: git commit (env GIT_COMMIT first: a copy of the tree on a GPU machine
+    has no .git; "-dirty" when tracked files differ from it), UTC date, card ("CPU" off GPU), torch and triton
+    versions, the exact command; then `extra`."""
+    commit = os.environ.get("GIT_COMMIT")
+    if not commit:
+        def git(*args):
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                  text=True, timeout=10).stdout.strip()
+        try:
+            commit = git("rev-parse", "HEAD")
+            commit += "-dirty" if commit and git("status", "--porcelain", "--untracked-files=no") else ""
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    from importlib.metadata import PackageNotFoundError, version
+    device = torch.device(device)
+    try:
+        triton = version("triton")      # from the metadata: importing triton takes a while
+    except PackageNotFoundError:
+        triton = None
+    return {"git_commit": commit or "unknown", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "card": card or (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"),
+            "torch": torch.__version__, "triton": triton, "command": "python " + shlex.join(sys.argv), **extra}

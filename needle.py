@@ -19,12 +19,9 @@ import json
 import os
 import random
 import re
-import shlex
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -489,36 +486,11 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def die(msg):
-    print(f"needle.py: error: {msg}", file=sys.stderr)
-    sys.exit(2)
+    M.die("needle.py", msg)
 
 
 def parse_args(argv):
-    cfg = NeedleConfig()
-    types = {f.name: f.type for f in fields(NeedleConfig)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__.split("\n\n")[0] + "\n\nFlags (--key=value):")
-            src = open(os.path.abspath(__file__)).read()
-            for f in fields(NeedleConfig):
-                m = re.search(rf"^    {f.name}: \w+ = .*?#\s*(.*)$", src, re.M)
-                print(f"  {'--' + f.name + '=' + str(getattr(cfg, f.name)):<34} {m.group(1) if m else ''}")
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or (not eq and types.get(key) not in (bool, "bool")):
-            die(f"expected --key=value, got {arg!r} (see --help)")
-        if key not in types:
-            die(f"unknown flag --{key} (see --help)")
-        typ = types[key]
-        try:
-            if typ in (bool, "bool"):
-                if eq and val.lower() not in ("1", "0", "true", "false"):
-                    raise ValueError
-                setattr(cfg, key, not eq or val.lower() in ("1", "true"))
-            else:
-                setattr(cfg, key, {"int": int, "str": str}.get(typ, typ)(val))
-        except ValueError:
-            die(f"--{key}={val!r} is not a valid {getattr(typ, '__name__', typ)}")
+    cfg = M.parse_flags(NeedleConfig, argv, __doc__, prog="needle.py")
     try:
         lengths = [parse_length(s) for s in cfg.lengths.split(",")]
     except ValueError as e:
@@ -551,25 +523,6 @@ def parse_args(argv):
     return cfg, lengths, depths
 
 
-def _git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-
-
-def provenance(device):
-    from importlib.metadata import version, PackageNotFoundError
-    try:
-        triton = version("triton")
-    except PackageNotFoundError:
-        triton = None
-    card = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else "CPU"
-    return {"git_commit": _git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "card": card, "torch": torch.__version__, "triton": triton, "command": "python " + shlex.join(sys.argv)}
-
-
 def main(argv):
     cfg, lengths, depths = parse_args(argv)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -585,7 +538,7 @@ def main(argv):
     name = os.path.normpath(cfg.ckpt)
     name = os.path.splitext(os.path.basename(os.path.dirname(name) if name.endswith("ckpt.pt") else name))[0] or "model"
     kw = dict(prefill_chunk=cfg.prefill_chunk, batch_tokens=cfg.batch_tokens, max_new_tokens=cfg.max_new_tokens)
-    info = {"provenance": provenance(device), "config": {**asdict(cfg), "lengths": lengths, "depths": depths,
+    info = {"provenance": M.provenance(device), "config": {**asdict(cfg), "lengths": lengths, "depths": depths,
                                                           "device": device, "dtype": str(dtype).removeprefix("torch."),
                                                           "model": asdict(model.config)}}
     print(f"needle: {cfg.ckpt} ({model.config.attn}, {model.num_params() / 1e6:.2f}M non-embedding params) on "

@@ -16,18 +16,14 @@ run repeats the uninterrupted run's losses exactly. SIGTERM: finish the step, sa
 train(cfg, model, batches, loss_fn) is the loop; dpo.py calls it with its own loss and batches.
 """
 import functools
-import inspect
 import json
 import math
 import os
-import shlex
 import signal
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -88,77 +84,26 @@ class TrainConfig:
     eval_seed: int = 0                 # needle.make_sample seeds eval_seed, eval_seed+1, ... (not training samples)
 
 
-class ConfigError(ValueError):
-    """Bad configuration or input file: main() prints it as one line and exits 2."""
+ConfigError = M.UsageError   # bad configuration or input file: main() prints it as one line and exits 2
 
 
 # ----------------------------------------------------------------------------- config from the command line
-def _help_lines(cls):
-    """'name: comment' from the source of the config class and its bases (the comment is the doc)."""
-    doc = {}
-    for c in reversed(cls.__mro__[:-1]):
-        for line in inspect.getsource(c).splitlines():
-            name, _, rest = line.strip().partition(":")
-            if name.isidentifier() and "#" in rest:
-                doc[name] = rest.split("#", 1)[1].strip()
-    return doc
-
-
-def print_help(cls=TrainConfig):
-    doc, cfg = _help_lines(cls), cls()
-    print(__doc__.strip().split("\n\n")[0] + "\n\nFlags (--key=value; bools are True/False):")
-    for f in fields(cls):
-        if f.name != "model":
-            print(f"  {'--' + f.name + '=' + str(getattr(cfg, f.name)):<40} {doc.get(f.name, '')}")
-    print("\nModel overrides (--model.FIELD=VALUE; shown: the tiny preset's values; None where optional):")
-    tiny = M.PRESETS["tiny"]
-    for f in fields(M.ModelConfig):
-        print(f"  --model.{f.name}={json.dumps(getattr(tiny, f.name)) if f.name == 'rope_scaling' else getattr(tiny, f.name)}")
-
-
-def _parse_value(key, val, typ):
-    """val (str) as typ: bool (True/False/1/0), int, float, str, dict (JSON), or X | None ("None")."""
-    args = getattr(typ, "__args__", None)
-    if args and type(None) in args:                       # int | None, dict | None
-        if val in ("None", "none", "null"):
-            return None
-        typ = next(a for a in args if a is not type(None))
-    try:
-        if typ is bool:
-            if val.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return val.lower() in ("true", "1")
-        if typ is dict:
-            v = json.loads(val)
-            if not isinstance(v, dict):
-                raise ValueError
-            return v
-        return typ(val)
-    except ValueError:
-        raise ConfigError(f"--{key}={val!r} is not a valid {typ.__name__}") from None
-
-
 def parse_args(argv, cls=TrainConfig):
-    """--key=value overrides of cls's defaults, type-checked; --model.FIELD=VALUE for ModelConfig fields."""
-    cfg = cls()
-    types = {f.name: f.type for f in fields(cls)}
+    """--key=value overrides of cls's defaults (model.parse_flags), --model.FIELD=VALUE for ModelConfig fields."""
+    tiny = M.PRESETS["tiny"]
+    more = "\nModel overrides (--model.FIELD=VALUE; shown: the tiny preset's values; None where optional):\n" + "".join(
+        f"  --model.{f.name}={json.dumps(v) if f.name == 'rope_scaling' else v}\n"
+        for f in fields(M.ModelConfig) for v in [getattr(tiny, f.name)])
+    cfg = M.parse_flags(cls, [a for a in argv if not a.startswith("--model.")], __doc__,
+                        [f.name for f in fields(cls) if f.name != "model"], more)
     mtypes = {f.name: f.type for f in fields(M.ModelConfig)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print_help(cls)
-            sys.exit(0)
-        key, eq, val = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
+    for arg in (a for a in argv if a.startswith("--model.")):
+        key, eq, val = arg[2:].partition("=")
+        if not eq:
             raise ConfigError(f"expected --key=value, got {arg!r} (see --help)")
-        if key.startswith("model."):
-            name = key[len("model."):]
-            if name not in mtypes:
-                raise ConfigError(f"unknown model field --{key} (see --help)")
-            cfg.model = {**cfg.model, name: _parse_value(key, val, mtypes[name])}
-        elif key in types and key != "model":
-            setattr(cfg, key, _parse_value(key, val, types[key]))
-        else:
-            raise ConfigError(f"unknown config key --{key} (see --help)")
+        if key[len("model."):] not in mtypes:
+            raise ConfigError(f"unknown model field --{key} (see --help)")
+        cfg.model = {**cfg.model, key[len("model."):]: M.parse_value(key, val, mtypes[key[len("model."):]])}
     check_config(cfg)
     return cfg
 
@@ -653,23 +598,6 @@ def train(cfg, model=None, batches=None, loss_fn=None):
 
 
 # ----------------------------------------------------------------------------- evaluation and main
-def provenance(device):
-    def version(mod):
-        try:
-            return __import__(mod).__version__
-        except ImportError:
-            return None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"git_commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "card": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-            "torch": torch.__version__, "triton": version("triton"),
-            "command": "python " + shlex.join(sys.argv)}
-
-
 def evaluate(cfg, ckpt, device, wall_s=None):
     """needle.evaluate on the saved checkpoint at the training length(s); writes out_dir/eval.json."""
     import needle
@@ -682,7 +610,7 @@ def evaluate(cfg, ckpt, device, wall_s=None):
     summary = needle.summarize(rows)
     out = os.path.join(cfg.out_dir, "eval.json")
     with open(out, "w") as f:
-        json.dump({"provenance": provenance(device), "config": asdict(cfg), "train_wall_s": wall_s,
+        json.dump({"provenance": M.provenance(device), "config": asdict(cfg), "train_wall_s": wall_s,
                    "eval_wall_s": time.perf_counter() - t0, "summary": summary, "samples": rows}, f, indent=1)
     print(f"eval: needle {variant}/{haystack} at lengths {lengths}, depths {depths}, {cfg.eval_samples} samples "
           f"each: accuracy {summary['accuracy']:.3f} ({summary['n']} samples) -> {out}", flush=True)
