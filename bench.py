@@ -11,45 +11,93 @@ Flags are nanoGPT-style --key=value after the subcommand; `python bench.py SUB -
 Performance is reported against the roofline we measure on the same card (a device-to-device copy
 for bandwidth, a large bf16 matmul for tensor-core rate), not against datasheet numbers.
 """
-import datetime
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import asdict, dataclass
 
 import torch
+
+import model as M
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+# ----------------------------------------------------------------------------- each subcommand's flags
+@dataclass
+class KernelFlags:
+    heads: str = "16,128"              # head counts H
+    batches: str = "1,16,64"           # batch sizes B
+    lengths: str = "4096,32768,131072"  # context lengths L (tokens)
+    page: int = 64                     # cache page size (power of two >= 16)
+    rep_ms: int = 200                  # do_bench time per measurement
+    naive_mem_frac: float = 0.6        # skip naive if its estimated memory exceeds this share of free memory
+    out: str = ""                      # JSON path (default results/bench_kernel_<card>.json)
+
+
+@dataclass
+class MemoryFlags:
+    presets: str = "tiny,small,1b"     # model.PRESETS names
+    lengths: str = "32768,131072" if torch.cuda.is_available() else "4096"  # tokens to allocate a cache for
+    page: int = 64                     # cache page size
+    out: str = ""                      # JSON path (default results/bench_memory_<card>.json)
+
+
+@dataclass
+class TrainFlags:
+    preset: str = "1b"                 # model.PRESETS key
+    gpus: str = "1,2"                  # process counts N (GPUs, or CPU processes)
+    compile: str = "True,False"        # torch.compile settings to run
+    parallel: str = "fsdp,ddp"         # fsdp (FSDP2) and/or ddp (DistributedDataParallel, N >= 2 only)
+    seq_len: int = 4096                # tokens per row
+    batch_size: int = 4                # rows per process per step
+    iters: int = 40                    # optimizer steps per run
+    log_interval: int = 5              # steps per logged interval
+    matmul_tflops: float = 0.0         # measured matmul TFLOP/s for a second MFU (0: measure on the GPU)
+    device: str = "auto"               # auto, cuda or cpu
+    out: str = ""                      # JSON path (default results/bench_train_<card>.json)
+
+
+@dataclass
+class ServeFlags:
+    ckpt: str = ""                     # checkpoint (default: random weights of --preset, seed 0)
+    preset: str = "small"              # model.PRESETS key
+    concurrency: str = "1,8,64"        # concurrent clients (closed loop)
+    rounds: int = 4                    # requests per client at each level
+    prompt_len: int = 512              # prompt tokens (random bytes)
+    max_tokens: int = 128              # generated tokens per request
+    dtype: str = "auto"                # serve.py --dtype
+    page: int = 64                     # cache page size
+    baseline: bool = True              # also time transformers' generate on the HF export
+    robustness: bool = False           # run the robustness scenario instead
+    clients: int = 200                 # robustness: clients
+    duration: int = 60                 # robustness: seconds of load
+    examples: int = 100                # robustness: schemathesis examples per operation
+    out: str = ""                      # JSON path (default results/bench_serve_<card>.json)
+
+
+@dataclass
+class LongctxFlags:
+    preset: str = "1b"                 # model.PRESETS key
+    lengths: str = "32768,131072,1048576"  # context lengths L (tokens)
+    attn: str = "mla,mha"              # mla and/or mha
+    chunk: int = 16384                 # prefill chunk (tokens)
+    page: int = 64                     # cache page size
+    decode_steps: int = 20             # timed decode steps
+    out: str = ""                      # JSON path (default results/bench_longctx_<card>.json)
+
+
 # ----------------------------------------------------------------------------- small shared helpers
-
 def die(msg):
-    print(f"bench.py: {msg}", file=sys.stderr)
-    sys.exit(2)
+    M.die("bench.py", msg)
 
 
-def parse_flags(sub, argv, defaults, helps):
-    """--key=value flags, typed by their defaults. --help lists them; bad input dies with one line."""
-    cfg = dict(defaults)
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(f"usage: python bench.py {sub} [--key=value ...]")
-            for k, v in defaults.items():
-                print(f"  {'--' + k + '=' + str(v):<36} {helps.get(k, '')}")
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            die(f"{sub}: expected --key=value, got {arg!r} (see --help)")
-        k, v = arg[2:].split("=", 1)
-        if k not in defaults:
-            die(f"{sub}: unknown flag --{k} (see --help)")
-        try:
-            cfg[k] = type(defaults[k])(v) if not isinstance(defaults[k], bool) else v.lower() in ("1", "true", "yes")
-        except ValueError:
-            die(f"{sub}: --{k}={v!r} is not a {type(defaults[k]).__name__}")
-    return cfg
+def parse_flags(cls, sub, argv):
+    return M.parse_flags(cls, argv, f"usage: python bench.py {sub} [--key=value ...]", prog="bench.py")
 
 
 def int_list(sub, name, s):
@@ -72,25 +120,7 @@ def card_slug(card):
 
 
 def provenance(card):
-    # GIT_COMMIT overrides (CI convention; also used when the repo is copied to a GPU machine without .git)
-    commit = os.environ.get("GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                    check=True).stdout.strip()
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                   capture_output=True, text=True).stdout.strip()
-            commit += "-dirty" if dirty else ""
-        except (OSError, subprocess.CalledProcessError):
-            commit = "unknown"
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {"git_commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "card": card, "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "command": " ".join(["python", "bench.py"] + sys.argv[1:])}
+    return M.provenance(card=card, cuda=torch.version.cuda)
 
 
 def write_json(path, obj):
@@ -173,14 +203,9 @@ def bench_kernel(argv):
     """One decode step of one layer of the 1b geometry (latent 512 + rope 64, nope 128, v 128, bf16):
     torch naive (decompress the cache with kv_b_proj, then SDPA), torch absorbed (bmm/einsum against
     the latent cache) and ours (the same absorbed projections around mla_kernel.mla_decode)."""
-    cfg = parse_flags("kernel", argv, dict(heads="16,128", batches="1,16,64", lengths="4096,32768,131072", page=64,
-                                           rep_ms=200, naive_mem_frac=0.6, out=""),
-                      dict(heads="head counts H", batches="batch sizes B", lengths="context lengths L (tokens)",
-                           page="cache page size (power of two >= 16)", rep_ms="do_bench time per measurement",
-                           naive_mem_frac="skip naive if its estimated memory exceeds this share of free memory",
-                           out="JSON path (default results/bench_kernel_<card>.json)"))
-    heads, batches, lengths = (int_list("kernel", k, cfg[k]) for k in ("heads", "batches", "lengths"))
-    page = cfg["page"]
+    cfg = parse_flags(KernelFlags, "kernel", argv)
+    heads, batches, lengths = (int_list("kernel", k, getattr(cfg, k)) for k in ("heads", "batches", "lengths"))
+    page = cfg.page
     if page < 16 or page & (page - 1):
         die(f"kernel: --page={page}: must be a power of two >= 16")
     if any(L % page for L in lengths):
@@ -194,11 +219,11 @@ def bench_kernel(argv):
     R, P, NOPE, V = 512, 64, 128, 128
     dt = torch.bfloat16
     scale = (NOPE + P) ** -0.5
-    copy_gbs, mm_tflops = measure_ceilings(cfg["rep_ms"])
+    copy_gbs, mm_tflops = measure_ceilings(cfg.rep_ms)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     flush = torch.ones(1 << 26, device="cuda", dtype=torch.int32)  # 256 MB, 5x the L2
     tiny = torch.zeros(1, device="cuda")
-    graph_floor_ms, graph_floor_clean_ms = time_graph(lambda: tiny.add_(1), cfg["rep_ms"], flush)
+    graph_floor_ms, graph_floor_clean_ms = time_graph(lambda: tiny.add_(1), cfg.rep_ms, flush)
     print(f"{card}: {sms} SMs, copy {copy_gbs:.0f} GB/s (read+write), bf16 matmul {mm_tflops:.0f} TFLOP/s, "
           f"one-kernel graph replay {graph_floor_ms * 1e3:.1f} us (do_bench) / {graph_floor_clean_ms * 1e3:.1f} us "
           f"(read flush)", flush=True)
@@ -260,7 +285,7 @@ def bench_kernel(argv):
                 naive_est = B * L * H * 2 * ((NOPE + V) + 2 * (NOPE + P) + V)  # kv, k (cat + SDPA copy), v copy
                 free = torch.cuda.mem_get_info()[0]
                 todo = [("absorbed", absorbed, out_ref), ("ours", ours, out_ref), ("kernel", kernel, olat_ref)]
-                if naive_est < cfg["naive_mem_frac"] * free:
+                if naive_est < cfg.naive_mem_frac * free:
                     todo.insert(0, ("naive", naive, out_ref))
                 else:
                     row["naive_skipped"] = f"needs ~{naive_est / 1e9:.0f} GB, {free / 1e9:.0f} GB free"
@@ -273,7 +298,7 @@ def bench_kernel(argv):
                             row[f"{name}_failed"] = f"rel err {err:.2e} vs float64"
                             continue
                         torch.cuda.empty_cache()
-                        ms, clean = time_graph(fn, cfg["rep_ms"], flush if name == "kernel" else None)
+                        ms, clean = time_graph(fn, cfg.rep_ms, flush if name == "kernel" else None)
                         row[f"{name}_ms"] = ms
                         if clean is not None:
                             row[f"{name}_ms_clean_flush"] = clean
@@ -319,7 +344,7 @@ def bench_kernel(argv):
                        "graph_floor_ms: one tiny kernel's graph replay under the same timing. "
                        "Targets are judged on the do_bench numbers.",
               "rows": rows}
-    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_kernel_{card_slug(card)}.json"), result)
+    write_json(cfg.out or os.path.join(ROOT, "results", f"bench_kernel_{card_slug(card)}.json"), result)
 
 
 def kernel_targets(r):
@@ -358,23 +383,19 @@ def format_kernel_row(r):
 
 def bench_memory(argv):
     on_gpu = torch.cuda.is_available()
-    cfg = parse_flags("memory", argv, dict(presets="tiny,small,1b", lengths="32768,131072" if on_gpu else "4096",
-                                           page=64, out=""),
-                      dict(presets="model.PRESETS names", lengths="tokens to allocate a cache for",
-                           page="cache page size", out="JSON path (default results/bench_memory_<card>.json)"))
-    lengths = int_list("memory", "lengths", cfg["lengths"])
+    cfg = parse_flags(MemoryFlags, "memory", argv)
+    lengths = int_list("memory", "lengths", cfg.lengths)
     import dataclasses
-    import model
-    names = [p for p in cfg["presets"].split(",") if p]
+    names = [p for p in cfg.presets.split(",") if p]
     for p in names:
-        if p not in model.PRESETS:
-            die(f"memory: unknown preset {p!r} (choose from {', '.join(model.PRESETS)})")
+        if p not in M.PRESETS:
+            die(f"memory: unknown preset {p!r} (choose from {', '.join(M.PRESETS)})")
     dtype, elt = torch.bfloat16, 2
     device = "cuda" if on_gpu else "cpu"
     card = card_name()
     rows = []
     for p in names:
-        base = model.PRESETS[p]
+        base = M.PRESETS[p]
         L, H, R, Pe, Dv = (base.num_hidden_layers, base.num_attention_heads, base.kv_lora_rank,
                            base.qk_rope_head_dim, base.v_head_dim)
         variants = {  # attn -> (config whose cache model.new_cache allocates, our own closed form)
@@ -383,7 +404,7 @@ def bench_memory(argv):
             "gqa": (dataclasses.replace(base, attn="mha", num_key_value_heads=4), L * elt * 2 * 4 * Dv),
         }
         for attn, (c, closed) in variants.items():
-            formula = model.kv_bytes_per_token(base, attn=attn, dtype=dtype)
+            formula = M.kv_bytes_per_token(base, attn=attn, dtype=dtype)
             row = dict(preset=p, attn=attn, layers=L, heads=H, kv_heads={"mla": None, "mha": H, "gqa": 4}[attn],
                        bytes_per_token_formula=formula, bytes_per_token_closed_form=closed,
                        formula_agrees=formula == closed, gb_at_1m_tokens=formula * (1 << 20) / 1e9, measured={})
@@ -391,12 +412,12 @@ def bench_memory(argv):
                 if on_gpu:
                     torch.cuda.synchronize()
                     a0, r0 = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
-                    cache = model.new_cache(c, 1, n, page=cfg["page"], dtype=dtype, device=device)
+                    cache = M.new_cache(c, 1, n, page=cfg.page, dtype=dtype, device=device)
                     torch.cuda.synchronize()
                     got = torch.cuda.memory_allocated() - a0
                     reserved = torch.cuda.memory_reserved() - r0
                 else:
-                    cache = model.new_cache(c, 1, n, page=cfg["page"], dtype=dtype, device=device)
+                    cache = M.new_cache(c, 1, n, page=cfg.page, dtype=dtype, device=device)
                     got = reserved = sum(t.numel() * t.element_size() for t in (cache.kv, cache.block_table, cache.seq_lens))
                 kv_bytes = cache.kv.numel() * cache.kv.element_size()
                 row["measured"][str(n)] = dict(allocated_bytes=got, reserved_bytes=reserved, kv_tensor_bytes=kv_bytes,
@@ -415,13 +436,13 @@ def bench_memory(argv):
               f"{r['gb_at_1m_tokens']:>7.2f} " + " ".join(f"{r['measured'][str(n)]['bytes_per_token']:>17,.1f}"
                                                          for n in lengths)
               + ("" if r["formula_agrees"] else "  FORMULA MISMATCH"))
-    result = {"provenance": provenance(card), "dtype": "bfloat16", "page": cfg["page"],
+    result = {"provenance": provenance(card), "dtype": "bfloat16", "page": cfg.page,
               "notes": "formula: model.kv_bytes_per_token (checked against the closed forms MLA 2*(R+P)*layers, "
                        "MHA 2*2*H*v_head_dim*layers, GQA 2*2*4*v_head_dim*layers). measured: allocation of "
                        "model.new_cache for one row of n tokens (CUDA allocator delta on GPU, tensor bytes on CPU), "
                        "divided by n; includes page rounding and the block table.",
               "rows": rows}
-    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_memory_{card_slug(card)}.json"), result)
+    write_json(cfg.out or os.path.join(ROOT, "results", f"bench_memory_{card_slug(card)}.json"), result)
 
 
 # ----------------------------------------------------------------------------- not yet written
@@ -431,26 +452,16 @@ def bench_train(argv):
     per block + root, bf16 params / fp32 reduce on GPU; one process is a plain module with bf16 autocast), on
     random tokens, with and without torch.compile. tokens/s is the median of the logged intervals after the
     first (compile and warm-up); scaling efficiency = per-GPU tokens/s at N over per-GPU tokens/s at 1."""
-    cfg = parse_flags("train", argv, dict(preset="1b", gpus="1,2", compile="True,False", parallel="fsdp,ddp",
-                                          seq_len=4096, batch_size=4,
-                                          iters=40, log_interval=5, matmul_tflops=0.0, device="auto", out=""),
-                      dict(preset="model.PRESETS key", gpus="process counts N (GPUs, or CPU processes)",
-                           compile="torch.compile settings to run",
-                           parallel="fsdp (FSDP2) and/or ddp (DistributedDataParallel, N >= 2 only)",
-                           seq_len="tokens per row",
-                           batch_size="rows per process per step", iters="optimizer steps per run",
-                           log_interval="steps per logged interval",
-                           matmul_tflops="measured matmul TFLOP/s for a second MFU (0: measure on the GPU)",
-                           device="auto, cuda or cpu", out="JSON path (default results/bench_train_<card>.json)"))
+    cfg = parse_flags(TrainFlags, "train", argv)
     import shutil
     import tempfile
     import numpy as np
-    gpus = int_list("train", "gpus", cfg["gpus"])
-    cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
+    gpus = int_list("train", "gpus", cfg.gpus)
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     if cuda and max(gpus) > torch.cuda.device_count():
-        die(f"train: --gpus={cfg['gpus']} but only {torch.cuda.device_count()} GPUs are visible")
+        die(f"train: --gpus={cfg.gpus} but only {torch.cuda.device_count()} GPUs are visible")
     card = card_name() if cuda else "CPU"
-    mm = cfg["matmul_tflops"] or (measure_ceilings(100)[1] if cuda else 0.0)
+    mm = cfg.matmul_tflops or (measure_ceilings(100)[1] if cuda else 0.0)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     data = os.path.join(tmp, "tokens.bin")   # random tokens: throughput does not depend on the text
     np.random.default_rng(0).integers(0, 264, 8 * 1024 * 1024, dtype=np.uint16).tofile(data)
@@ -463,9 +474,9 @@ def bench_train(argv):
                         None)
             if r["status"] == "ok" and base:
                 r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
-        write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
-                   {"provenance": provenance(card), "preset": cfg["preset"], "seq_len": cfg["seq_len"],
-                    "batch_size_per_gpu": cfg["batch_size"], "matmul_tflops": mm,
+        write_json(cfg.out or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
+                   {"provenance": provenance(card), "preset": cfg.preset, "seq_len": cfg.seq_len,
+                    "batch_size_per_gpu": cfg.batch_size, "matmul_tflops": mm,
                     "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root; bf16 params, fp32 "
                              "reduce) for every N, including N=1; DDP (--parallel=ddp: fp32 replica, bf16 autocast) for "
                              "N >= 2. MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
@@ -473,7 +484,7 @@ def bench_train(argv):
                     "rows": rows})
 
     try:
-        runs = [(comp, par, n) for comp in cfg["compile"].split(",") for par in cfg["parallel"].split(",")
+        runs = [(comp, par, n) for comp in cfg.compile.split(",") for par in cfg.parallel.split(",")
                 for n in gpus if par == "fsdp" or n > 1]
         for comp, par, n in runs:
             if rows:
@@ -481,9 +492,9 @@ def bench_train(argv):
             out_dir = os.path.join(tmp, f"run-{n}-{comp}-{par}")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    os.path.join(ROOT, "train.py"),
-                   f"--preset={cfg['preset']}", f"--data={data}", f"--seq_len={cfg['seq_len']}",
-                   f"--batch_size={cfg['batch_size']}", f"--max_iters={cfg['iters']}", "--warmup_iters=5",
-                   f"--log_interval={cfg['log_interval']}", f"--compile={comp}", "--eval_samples=0",
+                   f"--preset={cfg.preset}", f"--data={data}", f"--seq_len={cfg.seq_len}",
+                   f"--batch_size={cfg.batch_size}", f"--max_iters={cfg.iters}", "--warmup_iters=5",
+                   f"--log_interval={cfg.log_interval}", f"--compile={comp}", "--eval_samples=0",
                    "--ckpt_interval=-1", f"--device={'cuda' if cuda else 'cpu'}", f"--out_dir={out_dir}",
                    f"--parallel={par}"]
             if mm:
@@ -515,6 +526,177 @@ def bench_train(argv):
               f"{mfu:>6} {eff:>8}")
 
 
+# ----------------------------------------------------------------------------- serve: the load generator
+# For `bench.py serve` and the robustness run: plain threads and http.client (stdlib only, so it also runs
+# where the server's web stack is not installed), one connection per request as a real client fleet.
+def client_request(url, path, body, api_key=None, timeout=600.0, hang_up_after=None):
+    """POST one request and time it. With body["stream"], every server-sent event is timestamped: TTFT is
+    the first chunk, ITLs the gaps between chunks. hang_up_after=k closes the socket after k chunks (or, for a
+    whole answer, after k/10 seconds): a client that goes away. Returns a dict; never raises."""
+    import http.client
+    import urllib.parse
+    u = urllib.parse.urlsplit(url)
+    rec = {"status": None, "ttft": None, "itl": [], "prompt_tokens": 0, "completion_tokens": 0, "error": None,
+           "done": False, "hung_up": False}
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+    try:
+        conn.request("POST", path, body=data, headers=headers)
+        if hang_up_after is not None and not (isinstance(body, dict) and body.get("stream")):
+            time.sleep(hang_up_after / 10)
+            rec["hung_up"] = True
+            return rec
+        resp = conn.getresponse()
+        rec["status"] = resp.status
+        if resp.status != 200 or not (isinstance(body, dict) and body.get("stream")):
+            raw = resp.read()
+            reply = json.loads(raw) if raw[:1] == b"{" else {}
+            rec["error"] = None if resp.status == 200 else raw[:300].decode(errors="replace")
+            u_ = reply.get("usage") or {}
+            rec["prompt_tokens"], rec["completion_tokens"] = u_.get("prompt_tokens", 0), u_.get("completion_tokens", 0)
+            rec["done"] = resp.status == 200
+            rec["latency"] = time.perf_counter() - t0
+            rec["ttft"] = rec["latency"] if resp.status == 200 else None
+            return rec
+        last, chunks = None, 0
+        while True:
+            line = resp.readline()
+            if not line:
+                rec["error"] = "stream ended without [DONE]"
+                break
+            if not line.startswith(b"data: "):
+                continue
+            payload = line[6:].strip()
+            if payload == b"[DONE]":
+                rec["done"] = True
+                break
+            obj = json.loads(payload)
+            if "error" in obj:
+                rec["error"] = str(obj["error"])[:300]
+            if obj.get("usage"):
+                rec["prompt_tokens"] = obj["usage"]["prompt_tokens"]
+                rec["completion_tokens"] = obj["usage"]["completion_tokens"]
+            if obj.get("choices"):
+                now = time.perf_counter()
+                if last is None:
+                    rec["ttft"] = now - t0
+                else:
+                    rec["itl"].append(now - last)
+                last, chunks = now, chunks + 1
+                if hang_up_after is not None and chunks >= hang_up_after:
+                    rec["hung_up"] = True
+                    break
+        rec["latency"] = time.perf_counter() - t0
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        rec["error"] = f"{type(e).__name__}: {e}"[:300]
+    finally:
+        if rec["hung_up"] and conn.sock is not None:
+            conn.sock.shutdown(2)   # SHUT_RDWR: the server sees the disconnect now, not at garbage collection
+        conn.close()
+    return rec
+
+
+def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None):
+    """`concurrency` client threads, each sending make_request(i) -> (path, body, hang_up_after) back to back,
+    for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds)."""
+    counter, lock, records = iter(range(10 ** 9)), threading.Lock(), []
+    t0 = time.perf_counter()
+
+    def client():
+        while True:
+            with lock:
+                i = next(counter)
+            if (num_requests is not None and i >= num_requests) or (duration is not None and time.perf_counter() - t0 > duration):
+                return
+            path, body, hang_up = make_request(i)
+            rec = client_request(url, path, body, api_key, hang_up_after=hang_up)
+            rec["i"] = i
+            with lock:
+                records.append(rec)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0
+
+
+def pct(xs, q):
+    """The q-th percentile of seconds xs, in ms (None when empty)."""
+    xs = sorted(xs)
+    return round(1e3 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3) if xs else None
+
+
+def status(r):
+    return "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
+
+
+def summarize(records, wall):
+    """Throughput (generated tokens / wall second), TTFT and ITL percentiles in ms, status counts."""
+    ok = [r for r in records if r["done"]]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    statuses = {}
+    for r in records:
+        statuses[status(r)] = statuses.get(status(r), 0) + 1
+    gen = sum(r["completion_tokens"] for r in ok)
+    return {"requests": len(records), "completed": len(ok), "statuses": statuses, "wall_s": round(wall, 3),
+            "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
+            "throughput_tok_s": round(gen / wall, 2) if wall else None,
+            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+            "errors": sorted({r["error"] for r in records if r["error"]})[:10]}
+
+
+def spawn_server(flags, log_path, timeout=180):
+    """`python serve.py FLAGS --port=<free>` on loopback, returned once /health answers: (process, base URL)."""
+    import socket
+    import urllib.request
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--port={port}", "--host=127.0.0.1", *flags],
+                            stdout=subprocess.DEVNULL, stderr=log)
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"serve.py exited with {proc.returncode}; see {log_path}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            if time.time() - t0 > timeout:
+                proc.kill()
+                raise RuntimeError(f"serve.py did not come up in {timeout} s; see {log_path}")
+            time.sleep(0.3)
+
+
+def wait_idle(url, timeout=300):
+    """/metrics once nothing runs or waits (or after timeout seconds)."""
+    t0 = time.time()
+    while True:
+        m = scrape(url)
+        if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 or time.time() - t0 > timeout:
+            return m
+        time.sleep(0.5)
+
+
+def scrape(url):
+    """/metrics as {name or name|label=value: float} (model_name left out of the key)."""
+    import re
+    import urllib.request
+    out = {}
+    for line in urllib.request.urlopen(url + "/metrics", timeout=30).read().decode().splitlines():
+        m = re.match(r"^([\w:]+)(?:\{([^}]*)\})? (\S+)$", line)
+        if m:
+            labels = [f"{k}={v}" for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(2) or "") if k != "model_name"]
+            out[m.group(1) + ("|" + ",".join(labels) if labels else "")] = float(m.group(3))
+    return out
+
+
 def bench_serve(argv):
     """Serving load: serve.py started as a subprocess on loopback, closed-loop clients at each concurrency
     (every client sends its next request when the last one is done): generated tokens/s, time to first token
@@ -524,63 +706,51 @@ def bench_serve(argv):
     (ignore_eos makes every request generate exactly --max_tokens). --robustness=1 runs the robustness
     scenario instead (200 clients for 60 s + schemathesis, results/serve_robustness.json)."""
     import tempfile
-    import serve
-    import model as M
-    cfg = parse_flags("serve", argv, dict(ckpt="", preset="small", concurrency="1,8,64", rounds=4, prompt_len=512,
-                                          max_tokens=128, dtype="auto", page=64, baseline=True, robustness=False,
-                                          clients=200, duration=60, examples=100, out=""),
-                      dict(ckpt="checkpoint (default: random weights of --preset, seed 0)", preset="model.PRESETS key",
-                           concurrency="concurrent clients (closed loop)", rounds="requests per client at each level",
-                           prompt_len="prompt tokens (random bytes)", max_tokens="generated tokens per request",
-                           dtype="serve.py --dtype", page="cache page size",
-                           baseline="also time transformers' generate on the HF export",
-                           robustness="run the robustness scenario instead", clients="robustness: clients",
-                           duration="robustness: seconds of load", examples="robustness: schemathesis examples per operation",
-                           out="JSON path (default results/bench_serve_<card>.json)"))
-    levels = int_list("serve", "concurrency", cfg["concurrency"])
-    if cfg["preset"] not in M.PRESETS:
-        die(f"serve: --preset={cfg['preset']!r}: choose one of {', '.join(M.PRESETS)}")
+    cfg = parse_flags(ServeFlags, "serve", argv)
+    levels = int_list("serve", "concurrency", cfg.concurrency)
+    if cfg.preset not in M.PRESETS:
+        die(f"serve: --preset={cfg.preset!r}: choose one of {', '.join(M.PRESETS)}")
     tmp = tempfile.mkdtemp(prefix="bench-serve-")
-    ckpt = cfg["ckpt"]
+    ckpt = cfg.ckpt
     if not ckpt:
         ckpt = os.path.join(tmp, "ckpt.pt")
         torch.manual_seed(0)
-        M.save_checkpoint(ckpt, M.Transformer(M.PRESETS[cfg["preset"]]))
+        M.save_checkpoint(ckpt, M.Transformer(M.PRESETS[cfg.preset]))
     elif not os.path.exists(ckpt):
         die(f"serve: --ckpt={ckpt}: no such file or folder")
     card = card_name()
-    if cfg["robustness"]:
-        res = serve_robustness(ckpt, cfg["out"] or os.path.join(ROOT, "results", "serve_robustness.json"),
-                               cfg["clients"], cfg["duration"], cfg["examples"])
+    if cfg.robustness:
+        res = serve_robustness(ckpt, cfg.out or os.path.join(ROOT, "results", "serve_robustness.json"),
+                               cfg.clients, cfg.duration, cfg.examples)
         sys.exit(0 if res["pass"] else 1)
-    P, T = cfg["prompt_len"], cfg["max_tokens"]
+    P, T = cfg.prompt_len, cfg.max_tokens
     g = torch.Generator().manual_seed(0)
-    n_req = {c: c * cfg["rounds"] for c in levels}
+    n_req = {c: c * cfg.rounds for c in levels}
     prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(max(n_req.values()))]
-    flags = [f"--ckpt={ckpt}", f"--dtype={cfg['dtype']}", f"--page={cfg['page']}", f"--max_num_seqs={max(levels)}",
-             f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg['page'])}",
+    flags = [f"--ckpt={ckpt}", f"--dtype={cfg.dtype}", f"--page={cfg.page}", f"--max_num_seqs={max(levels)}",
+             f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg.page)}",
              f"--max_num_batched_tokens={max(2048, max(levels))}", "--served_model_name=bench"]
     rows = []
 
     def dump(more=()):   # after every level: a call cut short keeps what it measured (more: baseline rows so far)
-        result = {"provenance": provenance(card), "config": {**cfg, "ckpt": cfg["ckpt"] or f"random {cfg['preset']}",
+        result = {"provenance": provenance(card), "config": {**asdict(cfg), "ckpt": cfg.ckpt or f"random {cfg.preset}",
                                                              "server_flags": flags[1:], "requests": n_req},
                   "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
                            "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
                            "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
                            "after a device sync); its TTFT is the batch's prefill.", "rows": rows + list(more)}
-        write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
+        write_json(cfg.out or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
 
-    proc, url = serve.spawn_server(flags, os.path.join(tmp, "server.log"))
+    proc, url = spawn_server(flags, os.path.join(tmp, "server.log"))
     try:
         def body(i):
             return ("/v1/completions", {"prompt": prompts[i % len(prompts)], "max_tokens": T, "temperature": 0,
                                         "ignore_eos": True, "stream": True, "return_token_ids": True,
                                         "stream_options": {"include_usage": True}}, None)
-        serve.run_load(url, body, max(levels), num_requests=max(levels))   # warm-up: CUDA context, Triton JIT
+        run_load(url, body, max(levels), num_requests=max(levels))   # warm-up: CUDA context, Triton JIT
         for c in levels:
-            recs, wall = serve.run_load(url, body, c, num_requests=n_req[c])
-            row = {"engine": "serve.py", "concurrency": c, **serve.summarize(recs, wall)}
+            recs, wall = run_load(url, body, c, num_requests=n_req[c])
+            row = {"engine": "serve.py", "concurrency": c, **summarize(recs, wall)}
             rows.append(row)
             print(f"serve.py     c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
                   f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms  "
@@ -589,15 +759,14 @@ def bench_serve(argv):
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    if cfg["baseline"]:
-        rows += hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg["dtype"], dump)
+    if cfg.baseline:
+        rows += hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, dump)
     dump()
 
 
 def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, dump=None):
     """transformers' generate on `serve.py --export`: greedy, exactly T new tokens, batches of c prompts."""
     import transformers
-    import model as M
     out = os.path.join(tmp, "hf")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--export={out}"],
                        capture_output=True, text=True)
@@ -638,11 +807,6 @@ def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, dump=None)
             itl += [b - a for a, b in zip(times, times[1:])] * c
             gen += c * len(times)
         wall = time.perf_counter() - t_start
-
-        def pct(xs, q):
-            xs = sorted(xs)
-            return round(1e3 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3)
-
         row = {"engine": "transformers.generate", "concurrency": c, "requests": n_req[c], "wall_s": round(wall, 3),
                "generated_tokens": gen, "throughput_tok_s": round(gen / wall, 2),
                "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
@@ -702,7 +866,6 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
     and counted by the server), no client left without an answer, zero blocks held once the engine is idle."""
     import shutil
     import tempfile
-    import serve
     st = shutil.which("st") or shutil.which("schemathesis")
     if st is None:
         die("serve: --robustness=1 needs schemathesis (pip install schemathesis)")
@@ -710,7 +873,7 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
     flags = [f"--ckpt={ckpt}", f"--api_key={key}", f"--served_model_name={name}", "--max_model_len=512",
              "--kv_cache_tokens=2048", "--page=16", "--max_num_seqs=64"]   # a contended pool: preemptions
     log = os.path.join(tempfile.mkdtemp(prefix="ic-robust-"), "server.log")
-    proc, url = serve.spawn_server(flags, log)
+    proc, url = spawn_server(flags, log)
     num_blocks = 2048 // 16
     try:
         kinds = {}
@@ -721,21 +884,15 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
             return path, body, hang
 
         print(f"robustness: {clients} clients for {duration:.0f} s against {url}", file=sys.stderr, flush=True)
-        records, wall = serve.run_load(url, make, clients, duration=duration, api_key=key)
+        records, wall = run_load(url, make, clients, duration=duration, api_key=key)
         for r in records:
             r["kind"] = robustness_request(r["i"], name, 512)[0]
-        t0 = time.time()
-        while True:   # let the engine finish what is still running, then count the blocks still held
-            m = serve.scrape(url)
-            if m["vllm:num_requests_running"] == 0 and m["vllm:num_requests_waiting"] == 0 or time.time() - t0 > 300:
-                break
-            time.sleep(0.5)
-        load = serve.summarize([r for r in records if r["kind"] in ("completion", "chat")], wall)
+        m = wait_idle(url)   # let the engine finish what is still running, then count the blocks still held
+        load = summarize([r for r in records if r["kind"] in ("completion", "chat")], wall)
         by_kind = {}
         for r in records:
-            key_ = "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
-            by_kind.setdefault(r["kind"], {}).setdefault(key_, 0)
-            by_kind[r["kind"]][key_] += 1
+            by_kind.setdefault(r["kind"], {}).setdefault(status(r), 0)
+            by_kind[r["kind"]][status(r)] += 1
         bad_valid = [r for r in records if r["kind"] in ("completion", "chat") and not r["done"]]
         load.update(statuses_by_kind=by_kind, client_5xx=sum(1 for r in records if (r["status"] or 0) >= 500),
                     no_response=sum(1 for r in records if r["status"] is None and not r["hung_up"]),
@@ -747,7 +904,7 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
         print(f"robustness: load done: {json.dumps({k: load[k] for k in ('requests', 'client_5xx', 'leaked_blocks_after')})}",
               file=sys.stderr, flush=True)
         # schemathesis: every operation of the OpenAPI schema, generated valid and invalid input, all checks
-        before = serve.scrape(url)
+        before = scrape(url)
         cmd = [st, "run", url + "/openapi.json", "--checks=all", f"--max-examples={examples}", "--workers=4",
                "--seed=0", "-H", f"Authorization: Bearer {key}", "--no-color", "--suppress-health-check=all",
                "--request-timeout=300", "--max-response-time=300"]   # 2 CPU cores: up to 512 tokens take a while
@@ -755,12 +912,7 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
         print("robustness: " + shown, file=sys.stderr, flush=True)
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
                            cwd=tempfile.mkdtemp(prefix="ic-st-"))   # it keeps a .schemathesis/ cache in its cwd
-        t0 = time.time()
-        while True:
-            after = serve.scrape(url)
-            if after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0 or time.time() - t0 > 300:
-                break
-            time.sleep(0.5)
+        after = wait_idle(url)
         summary = p.stdout[p.stdout.rfind("SUMMARY"):] if "SUMMARY" in p.stdout else p.stdout[-3000:]
         # the first lines of each failure / error schemathesis found (the full text is long)
         found = [ln.strip() for ln in p.stdout.splitlines()
@@ -789,14 +941,14 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
 
 def _save_longctx(cfg, card, copy_gbs, mm_tflops, rows):
     """Written after every row: a 1M-token prefill takes minutes, and a killed run keeps what it measured."""
-    result = {"provenance": provenance(card), "preset": cfg["preset"], "dtype": "bfloat16", "chunk": cfg["chunk"],
-              "page": cfg["page"], "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops,
+    result = {"provenance": provenance(card), "preset": cfg.preset, "dtype": "bfloat16", "chunk": cfg.chunk,
+              "page": cfg.page, "copy_gbs": copy_gbs, "matmul_tflops": mm_tflops,
               "notes": "attention FLOPs = layers*H*(qk+v)*L*(L+1) (causal, QK and PV); attention TFLOP/s divides "
                        "them by the WHOLE prefill time (projections, MLP and cache gathers included), so it is a "
                        "lower bound on the attention kernels' rate. cache_bytes_measured: CUDA allocator delta of "
                        "model.new_cache; formula: model.kv_bytes_per_token * allocated slots.",
               "rows": rows}
-    write_json(cfg["out"] or os.path.join(ROOT, "results", f"bench_longctx_{card_slug(card)}.json"), result)
+    write_json(cfg.out or os.path.join(ROOT, "results", f"bench_longctx_{card_slug(card)}.json"), result)
 
 
 def decode_times(model, tok, cache, steps, graph):
@@ -825,34 +977,28 @@ def bench_longctx(argv):
     """The 1b preset (random weights, bf16) on one GPU: chunked prefill of L tokens into the paged cache, then
     decode steps at that length (MLA: the fused kernel). The MHA baseline of the same width on the same grid,
     where it runs out of memory recorded with the KV bytes it would have needed."""
-    cfg = parse_flags("longctx", argv, dict(preset="1b", lengths="32768,131072,1048576", attn="mla,mha", chunk=16384,
-                                            page=64, decode_steps=20, out=""),
-                      dict(preset="model.PRESETS key", lengths="context lengths L (tokens)", attn="mla and/or mha",
-                           chunk="prefill chunk (tokens)", page="cache page size", decode_steps="timed decode steps",
-                           out="JSON path (default results/bench_longctx_<card>.json)"))
+    cfg = parse_flags(LongctxFlags, "longctx", argv)
     if not torch.cuda.is_available():
         die("longctx: needs a CUDA GPU")
-    import model as M
-    from dataclasses import asdict
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    if cfg["preset"] not in M.PRESETS:
-        die(f"longctx: unknown --preset={cfg['preset']!r}: choose one of {', '.join(M.PRESETS)}")
-    lengths, attns = int_list("longctx", "lengths", cfg["lengths"]), cfg["attn"].split(",")
+    if cfg.preset not in M.PRESETS:
+        die(f"longctx: unknown --preset={cfg.preset!r}: choose one of {', '.join(M.PRESETS)}")
+    lengths, attns = int_list("longctx", "lengths", cfg.lengths), cfg.attn.split(",")
     if set(attns) - {"mla", "mha"}:
-        die(f"longctx: --attn={cfg['attn']!r}: expected mla and/or mha")
+        die(f"longctx: --attn={cfg.attn!r}: expected mla and/or mha")
     card = card_name()
     copy_gbs, mm_tflops = measure_ceilings(100)
     rows = []
     for attn in attns:
-        mcfg = M.ModelConfig(**{**asdict(M.PRESETS[cfg["preset"]]), "attn": attn})
+        mcfg = M.ModelConfig(**{**asdict(M.PRESETS[cfg.preset]), "attn": attn})
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = M.Transformer(mcfg).to(torch.bfloat16).eval()
         qk = mcfg.qk_nope_head_dim + mcfg.qk_rope_head_dim if attn == "mla" else mcfg.v_head_dim
         with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # warm-up: kernels, cuBLAS, Triton compile
-            warm = M.new_cache(mcfg, 1, 2 * cfg["chunk"] + 1, cfg["page"], torch.bfloat16, "cuda")
+            warm = M.new_cache(mcfg, 1, 2 * cfg.chunk + 1, cfg.page, torch.bfloat16, "cuda")
             for s in range(2):
-                model(torch.zeros(1, cfg["chunk"], dtype=torch.long, device="cuda"), cache=warm)
+                model(torch.zeros(1, cfg.chunk, dtype=torch.long, device="cuda"), cache=warm)
         with torch.no_grad():
             model(torch.zeros(1, 1, dtype=torch.long, device="cuda"), cache=warm)
         del warm
@@ -863,7 +1009,7 @@ def bench_longctx(argv):
             torch.cuda.reset_peak_memory_stats()
             row["free_bytes_before"], before = torch.cuda.mem_get_info()[0], torch.cuda.memory_allocated()
             try:
-                cache = M.new_cache(mcfg, 1, L + 2 * cfg["decode_steps"] + 8, cfg["page"], torch.bfloat16, "cuda")
+                cache = M.new_cache(mcfg, 1, L + 2 * cfg.decode_steps + 8, cfg.page, torch.bfloat16, "cuda")
             except torch.OutOfMemoryError:
                 row["status"] = f"OOM allocating the cache: needs {row['kv_bytes_formula'] / 1e9:.1f} GB"
                 print(f"{attn} L={L}: {row['status']}", flush=True)
@@ -880,16 +1026,16 @@ def bench_longctx(argv):
                 with torch.no_grad(), sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     t0 = time.time()
                     start.record()
-                    for i, s in enumerate(range(0, L, cfg["chunk"])):
-                        logits = model(idx[:, s:s + cfg["chunk"]], cache=cache)
+                    for i, s in enumerate(range(0, L, cfg.chunk)):
+                        logits = model(idx[:, s:s + cfg.chunk], cache=cache)
                         if (i + 1) % 16 == 0:
                             torch.cuda.synchronize()
-                            print(f"  {attn} prefill {s + cfg['chunk']:,}/{L:,} tokens, {time.time() - t0:.0f}s", flush=True)
+                            print(f"  {attn} prefill {s + cfg.chunk:,}/{L:,} tokens, {time.time() - t0:.0f}s", flush=True)
                     end.record()
                     torch.cuda.synchronize()
                     prefill_s = start.elapsed_time(end) / 1e3
                 row["decode_ms_eager"], row["decode_ms_graph"] = decode_times(model, logits[:, -1:].argmax(-1), cache,
-                                                                              cfg["decode_steps"], graph=attn == "mla")
+                                                                              cfg.decode_steps, graph=attn == "mla")
             except torch.OutOfMemoryError:
                 row["status"] = "OOM during prefill"
                 print(f"{attn} L={L}: {row['status']}", flush=True)

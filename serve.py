@@ -6,8 +6,8 @@ OpenAI-compatible server for InfiniteContext: continuous batching on the paged l
     python serve.py --ckpt=... --backend=vllm --port=8000          # export, then `vllm serve` it
 
 Read top to bottom: config, sampling, the engine (scheduler + block allocator + model runner, one
-background thread), metrics (vLLM's names), the HTTP API (FastAPI), a load generator (stdlib HTTP
-clients: bench.py serve and the robustness run drive the server with it), the command line.
+background thread), metrics (vLLM's names), the HTTP API (FastAPI), the command line. The load
+generator that drives it (bench.py serve, the robustness run) lives in bench.py.
 
 The engine, in one paragraph (vLLM's scheduler, gpt-fast's static buffers): one kv pool of
 (layers, num_blocks, page, width) is allocated at start. A request is admitted (FCFS) when the
@@ -35,7 +35,7 @@ import traceback
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields  # noqa: F401  (serve.fields: the tests list the flags)
 from typing import Annotated, Literal
 
 import torch
@@ -54,7 +54,7 @@ import model as M
 class ServeConfig:
     ckpt: str = ""                      # default: checkpoints/infinitecontext-small, else out/tiny/ckpt.pt
     host: str = "127.0.0.1"             # 0.0.0.0 to serve other machines
-    port: int = 8000
+    port: int = 8000                    # TCP port
     served_model_name: str = ""         # default: the checkpoint's folder (or file) name
     api_key: str = ""                   # require 'Authorization: Bearer KEY' on /v1 (default: $VLLM_API_KEY)
     device: str = ""                    # default: cuda if available, else cpu
@@ -903,209 +903,16 @@ def build_app(engine, cfg, metrics):
     return app
 
 
-# ----------------------------------------------------------------------------- load generator
-# Used by `bench.py serve` and the robustness run: plain threads and http.client (stdlib only, so it also
-# runs where the server's web stack is not installed), one connection per request as a real client fleet.
-def client_request(url, path, body, api_key=None, timeout=600.0, hang_up_after=None):
-    """POST one request and time it. With body["stream"], every server-sent event is timestamped: TTFT is
-    the first chunk, ITLs the gaps between chunks. hang_up_after=k closes the socket after k chunks (or, for a
-    whole answer, after k/10 seconds): a client that goes away. Returns a dict; never raises."""
-    import http.client
-    import urllib.parse
-    u = urllib.parse.urlsplit(url)
-    rec = {"status": None, "ttft": None, "itl": [], "prompt_tokens": 0, "completion_tokens": 0, "error": None,
-           "done": False, "hung_up": False}
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    t0 = time.perf_counter()
-    conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
-    try:
-        conn.request("POST", path, body=data, headers=headers)
-        if hang_up_after is not None and not (isinstance(body, dict) and body.get("stream")):
-            time.sleep(hang_up_after / 10)
-            rec["hung_up"] = True
-            return rec
-        resp = conn.getresponse()
-        rec["status"] = resp.status
-        if resp.status != 200 or not (isinstance(body, dict) and body.get("stream")):
-            raw = resp.read()
-            reply = json.loads(raw) if raw[:1] == b"{" else {}
-            rec["error"] = None if resp.status == 200 else raw[:300].decode(errors="replace")
-            u_ = reply.get("usage") or {}
-            rec["prompt_tokens"], rec["completion_tokens"] = u_.get("prompt_tokens", 0), u_.get("completion_tokens", 0)
-            rec["done"] = resp.status == 200
-            rec["latency"] = time.perf_counter() - t0
-            rec["ttft"] = rec["latency"] if resp.status == 200 else None
-            return rec
-        last, chunks = None, 0
-        while True:
-            line = resp.readline()
-            if not line:
-                rec["error"] = "stream ended without [DONE]"
-                break
-            if not line.startswith(b"data: "):
-                continue
-            payload = line[6:].strip()
-            if payload == b"[DONE]":
-                rec["done"] = True
-                break
-            obj = json.loads(payload)
-            if "error" in obj:
-                rec["error"] = str(obj["error"])[:300]
-            if obj.get("usage"):
-                rec["prompt_tokens"] = obj["usage"]["prompt_tokens"]
-                rec["completion_tokens"] = obj["usage"]["completion_tokens"]
-            if obj.get("choices"):
-                now = time.perf_counter()
-                if last is None:
-                    rec["ttft"] = now - t0
-                else:
-                    rec["itl"].append(now - last)
-                last, chunks = now, chunks + 1
-                if hang_up_after is not None and chunks >= hang_up_after:
-                    rec["hung_up"] = True
-                    break
-        rec["latency"] = time.perf_counter() - t0
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        rec["error"] = f"{type(e).__name__}: {e}"[:300]
-    finally:
-        if rec["hung_up"] and conn.sock is not None:
-            conn.sock.shutdown(2)   # SHUT_RDWR: the server sees the disconnect now, not at garbage collection
-        conn.close()
-    return rec
-
-
-def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None):
-    """`concurrency` client threads, each sending make_request(i) -> (path, body, hang_up_after) back to back,
-    for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds)."""
-    counter, lock, records = iter(range(10 ** 9)), threading.Lock(), []
-    t0 = time.perf_counter()
-
-    def client():
-        while True:
-            with lock:
-                i = next(counter)
-            if (num_requests is not None and i >= num_requests) or (duration is not None and time.perf_counter() - t0 > duration):
-                return
-            path, body, hang_up = make_request(i)
-            rec = client_request(url, path, body, api_key, hang_up_after=hang_up)
-            rec["i"] = i
-            with lock:
-                records.append(rec)
-
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return records, time.perf_counter() - t0
-
-
-def summarize(records, wall):
-    """Throughput (generated tokens / wall second), TTFT and ITL percentiles in ms, status counts."""
-    def pct(xs, q):
-        xs = sorted(xs)
-        return round(1e3 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3) if xs else None
-
-    ok = [r for r in records if r["done"]]
-    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
-    itl = [x for r in ok for x in r["itl"]]
-    statuses = {}
-    for r in records:
-        key = "hung_up" if r["hung_up"] else str(r["status"]) if r["status"] else "no_response"
-        statuses[key] = statuses.get(key, 0) + 1
-    gen = sum(r["completion_tokens"] for r in ok)
-    return {"requests": len(records), "completed": len(ok), "statuses": statuses, "wall_s": round(wall, 3),
-            "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
-            "throughput_tok_s": round(gen / wall, 2) if wall else None,
-            "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
-            "errors": sorted({r["error"] for r in records if r["error"]})[:10]}
-
-
-def spawn_server(flags, log_path, timeout=180):
-    """`python serve.py FLAGS --port=<free>` on loopback, returned once /health answers: (process, base URL)."""
-    import socket
-    import subprocess
-    import urllib.request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", "--host=127.0.0.1", *flags],
-                            stdout=subprocess.DEVNULL, stderr=log)
-    url, t0 = f"http://127.0.0.1:{port}", time.time()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve.py exited with {proc.returncode}; see {log_path}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            if time.time() - t0 > timeout:
-                proc.kill()
-                raise RuntimeError(f"serve.py did not come up in {timeout} s; see {log_path}")
-            time.sleep(0.3)
-
-
-def scrape(url):
-    """/metrics as {name or name|label=value: float} (model_name left out of the key)."""
-    import re
-    import urllib.request
-    out = {}
-    for line in urllib.request.urlopen(url + "/metrics", timeout=30).read().decode().splitlines():
-        m = re.match(r"^([\w:]+)(?:\{([^}]*)\})? (\S+)$", line)
-        if m:
-            labels = [f"{k}={v}" for k, v in re.findall(r'(\w+)="([^"]*)"', m.group(2) or "") if k != "model_name"]
-            out[m.group(1) + ("|" + ",".join(labels) if labels else "")] = float(m.group(3))
-    return out
-
-
 # ----------------------------------------------------------------------------- command line
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
 def die(msg):
-    print(f"serve.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def flag_help():
-    """--help text: every ServeConfig field with its default and the comment beside it in the source."""
-    import inspect
-    import re
-    lines = ["usage: python serve.py [--key=value ...]"]
-    for line in inspect.getsource(ServeConfig).splitlines():
-        m = re.match(r"\s+(\w+): [\w| ]+ = ([^#]*?)\s*(?:#\s*(.*))?$", line)
-        if m:
-            flag = f"--{m.group(1)}={m.group(2).strip(chr(34))}"
-            lines.append(f"  {flag:<31} {m.group(3) or ''}".rstrip())
-    return "\n".join(lines)
+    M.die("serve.py", msg)
 
 
 def parse_args(argv):
-    cfg = ServeConfig()
-    names = {f.name for f in fields(ServeConfig)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(flag_help())
-            sys.exit(0)
-        if not arg.startswith("--") or "=" not in arg:
-            die(f"expected --key=value, got {arg!r} (see --help)")
-        k, v = arg[2:].split("=", 1)
-        k = k.replace("-", "_")                     # --api-key and --api_key both work
-        if k not in names:
-            die(f"unknown flag --{k} (see --help)")
-        old = getattr(cfg, k)
-        try:
-            if isinstance(old, bool):
-                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError
-                v = v.lower() in ("1", "true", "yes")
-            else:
-                v = type(old)(v)
-        except ValueError:
-            die(f"--{k}={v!r} is not {'a boolean' if isinstance(old, bool) else 'an integer'}")
-        setattr(cfg, k, v)
+    cfg = M.parse_flags(ServeConfig, argv, __doc__, prog="serve.py")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         die(f"--dtype={cfg.dtype!r}: expected auto, {', '.join(DTYPES)}")
     if cfg.backend not in ("embedded", "vllm"):
