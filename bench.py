@@ -149,25 +149,26 @@ def capture(fn):
     return g
 
 
-def median_ms_clean_flush(fn, rep_ms, flush):
-    """Like do_bench, but flushes L2 by READING a 256 MB buffer: do_bench's flush writes zeros, and
-    the dirty lines it leaves are written back to DRAM while the timed kernel runs (tens of us)."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    n = max(10, min(2000, int(rep_ms / max(start.elapsed_time(end), 1e-3))))
+def median_ms(fn, n, before=None):
+    """Median ms of n calls of fn timed with CUDA events; before() runs untimed ahead of each call."""
     times = []
     for _ in range(n):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        flush.sum()
+        if before is not None:
+            before()
         s.record()
         fn()
         e.record()
         times.append((s, e))
     torch.cuda.synchronize()
     return sorted(s.elapsed_time(e) for s, e in times)[n // 2]
+
+
+def median_ms_clean_flush(fn, rep_ms, flush):
+    """Like do_bench, but flushes L2 by READING a 256 MB buffer: do_bench's flush writes zeros, and
+    the dirty lines it leaves are written back to DRAM while the timed kernel runs (tens of us)."""
+    n = max(10, min(2000, int(rep_ms / max(median_ms(fn, 1), 1e-3))))
+    return median_ms(fn, n, flush.sum)
 
 
 def time_graph(fn, rep_ms, flush=None):
@@ -955,22 +956,12 @@ def decode_times(model, tok, cache, steps, graph):
     """Median ms of one decode step (appending to the cache): eager, and replayed as a CUDA graph. Eager decode
     of a deep model is bound by Python launch overhead; the graph shows the GPU time. MLA decode is capturable
     (no host syncs on its path); the MHA baseline's decode reads the longest row length on the host, so eager only."""
-    def median(fn):
-        times = []
-        for _ in range(steps):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            times.append((s, e))
-        torch.cuda.synchronize()
-        return sorted(s.elapsed_time(e) for s, e in times)[steps // 2]
     with torch.no_grad():
-        eager = median(lambda: model(tok, cache=cache))
+        eager = median_ms(lambda: model(tok, cache=cache), steps)
         if not graph:
             return eager, None
         g = capture(lambda: model(tok, cache=cache))          # one eager step on a side stream, then capture
-        return eager, median(g.replay)
+        return eager, median_ms(g.replay, steps)
 
 
 def bench_longctx(argv):

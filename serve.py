@@ -667,6 +667,10 @@ def sse(obj):
     return f"data: {json.dumps(obj)}\n\n"
 
 
+ENGINE_FAILED = sse({"error": {"message": "the engine failed on this request", "type": "server_error", "param": None,
+                               "code": None}})   # a stream's last event when its request failed in the engine
+
+
 def build_app(engine, cfg, metrics):
     """The FastAPI app around a (not yet started) engine; the lifespan starts and stops its thread."""
     tok, name, L = M.get_tokenizer(), cfg.served_model_name, cfg.max_model_len
@@ -851,8 +855,7 @@ def build_app(engine, cfg, metrics):
         async def gen():
             async for out in outputs(r):
                 if out.finish_reason == "error":
-                    yield sse({"error": {"message": "the engine failed on this request", "type": "server_error",
-                                         "param": None, "code": None}})
+                    yield ENGINE_FAILED
                     return
                 if out.text or out.finish_reason or body.return_token_ids:
                     yield sse({**head, "choices": [choice(out.text, out.finish_reason, out.token_ids)],
@@ -891,8 +894,7 @@ def build_app(engine, cfg, metrics):
             yield chunk({"role": "assistant", "content": ""})
             async for out in outputs(r):
                 if out.finish_reason == "error":
-                    yield sse({"error": {"message": "the engine failed on this request", "type": "server_error",
-                                         "param": None, "code": None}})
+                    yield ENGINE_FAILED
                     return
                 if out.text or out.finish_reason or body.return_token_ids:
                     yield chunk({"content": out.text} if out.text else {}, out.finish_reason, out.token_ids)
