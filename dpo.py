@@ -231,7 +231,8 @@ def parse_args(argv):
         if a.startswith("--") and key in NOT_FOR_DPO:
             raise T.ConfigError(f"--{key} is train.py's; dpo.py's model is --ckpt and its data the pairs (see --help)")
     own = [f.name for f in fields(DPOConfig) if f.name not in {g.name for g in fields(T.TrainConfig)}]
-    cfg = M.parse_flags(DPOConfig, argv, __doc__, own + [f.name for f in fields(T.TrainConfig) if f.name not in NOT_FOR_DPO])
+    rest = [f.name for f in fields(T.TrainConfig) if f.name not in NOT_FOR_DPO]
+    cfg = M.parse_flags(DPOConfig, argv, __doc__, own + rest)
     T.check_config(cfg)
     if cfg.loss_type not in LOSS_TYPES:
         raise T.ConfigError(f"--loss_type={cfg.loss_type!r} is not one of {', '.join(LOSS_TYPES)}")

@@ -720,7 +720,7 @@ def load_hf(in_dir, dtype=torch.float32):
     return model.to(dtype)
 
 
-# ----------------------------------------------------------------------------- command-line helpers shared by the scripts
+# ----------------------------------------------------------------------------- command-line helpers the scripts share
 # nanoGPT-style flags: each script's config is a dataclass at its top, and the comment beside a field is its --help.
 class UsageError(ValueError):
     """A bad flag or value: the scripts print it as one line on stderr and exit 2."""
@@ -750,18 +750,15 @@ def parse_value(key, val, typ):
             return None
         typ = next(a for a in args if a is not type(None))
     try:
-        if typ is bool:
-            if val.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
+        if typ is bool and val.lower() in ("true", "false", "1", "0", "yes", "no"):
             return val.lower() in ("true", "1", "yes")
-        if typ is dict:
-            v = json.loads(val)
-            if not isinstance(v, dict):
-                raise ValueError
+        if typ is dict and isinstance(v := json.loads(val), dict):
             return v
-        return typ(val)
-    except ValueError:
-        raise UsageError(f"--{key}={val!r} is not a valid {typ.__name__}") from None
+        if typ not in (bool, dict):
+            return typ(val)
+    except ValueError:      # json.JSONDecodeError is one
+        pass
+    raise UsageError(f"--{key}={val!r} is not a valid {typ.__name__}")
 
 
 def parse_flags(cls, argv, doc="", names=None, more="", prog=None):
