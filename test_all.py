@@ -1101,9 +1101,13 @@ def test_train_needle_batches_trim_is_exact():
     full = needle.training_batch(3, 400, 5, seed=cfg.seed, rank=2, world=4, variants=["single"], haystacks=["noise"])
     assert idx.shape[1] < 400 and torch.equal(full[0][:, :idx.shape[1]], idx)
     assert (full[1][:, idx.shape[1]:] == -1).all()
-    a, n = T.lm_loss(m, (idx, targets, pos))
-    b, n2 = T.lm_loss(m, full)
+    a, n, _ = T.lm_loss(m, (idx, targets, pos))
+    b, n2, _ = T.lm_loss(m, full)
     assert n == n2 > 0 and a.item() == pytest.approx(b.item(), rel=1e-5)
+    # compiled runs keep the full width (a new width would recompile): the very same batch, untrimmed
+    fixed = T.needle_batches(T.parse_args(["--seq_len=400", "--batch_size=3", "--grad_accum=2", "--compile=True"]
+                                          + _TRAIN_SMALL))(5, 1, 0, 2)
+    assert all(torch.equal(x, y) for x, y in zip(fixed, full))
 
 
 def test_train_row_exact_metric():
