@@ -463,6 +463,10 @@ def bench_train(argv):
         die(f"train: --gpus={cfg.gpus} but only {torch.cuda.device_count()} GPUs are visible")
     card = card_name() if cuda else "CPU"
     mm = cfg.matmul_tflops or (measure_ceilings(100)[1] if cuda else 0.0)
+    topo = ""   # how the GPUs connect (NVLink/NVSwitch or PCIe) decides multi-GPU scaling: keep it with the numbers
+    if cuda and max(gpus) > 1 and shutil.which("nvidia-smi"):
+        topo = subprocess.run(["nvidia-smi", "topo", "-m"], capture_output=True, text=True).stdout
+        print(topo, flush=True)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     data = os.path.join(tmp, "tokens.bin")   # random tokens: throughput does not depend on the text
     np.random.default_rng(0).integers(0, 264, 8 * 1024 * 1024, dtype=np.uint16).tofile(data)
@@ -477,7 +481,7 @@ def bench_train(argv):
                 r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
         write_json(cfg.out or os.path.join(ROOT, "results", f"bench_train_{card_slug(card)}.json"),
                    {"provenance": provenance(card), "preset": cfg.preset, "seq_len": cfg.seq_len,
-                    "batch_size_per_gpu": cfg.batch_size, "matmul_tflops": mm,
+                    "batch_size_per_gpu": cfg.batch_size, "matmul_tflops": mm, "gpu_topology": topo,
                     "notes": "train.py under torchrun: FSDP2 (fully_shard per block, then root; bf16 params, fp32 "
                              "reduce) for every N, including N=1; DDP (--parallel=ddp: fp32 replica, bf16 autocast) for "
                              "N >= 2. MFU = model.flops_per_token (6N + 6*L*H*(qk+v)*T) x tokens/s over the card's dense "
