@@ -446,13 +446,13 @@ def bench_memory(argv):
     write_json(cfg.out or os.path.join(ROOT, "results", f"bench_memory_{card_slug(card)}.json"), result)
 
 
-# ----------------------------------------------------------------------------- not yet written
+# ----------------------------------------------------------------------------- train
 
 def bench_train(argv):
-    """Training throughput and MFU of train.py itself: `torchrun --nproc_per_node=N train.py` for each N (FSDP2
-    per block + root, bf16 params / fp32 reduce on GPU; one process is a plain module with bf16 autocast), on
-    random tokens, with and without torch.compile. tokens/s is the median of the logged intervals after the
-    first (compile and warm-up); scaling efficiency = per-GPU tokens/s at N over per-GPU tokens/s at 1."""
+    """Training throughput and MFU of train.py itself: `torchrun --nproc_per_node=N train.py` for each N, FSDP2
+    (also at N=1) and DDP (N >= 2), with and without torch.compile, on random tokens. tokens/s is the median of
+    the logged intervals after the first (compile and warm-up); scaling efficiency = per-GPU tokens/s at N over
+    per-GPU tokens/s at 1."""
     cfg = parse_flags(TrainFlags, "train", argv)
     import shutil
     import tempfile
@@ -492,8 +492,6 @@ def bench_train(argv):
         runs = [(comp, par, n) for comp in cfg.compile.split(",") for par in cfg.parallel.split(",")
                 for n in gpus if par == "fsdp" or n > 1]
         for comp, par, n in runs:
-            if rows:
-                dump()
             out_dir = os.path.join(tmp, f"run-{n}-{comp}-{par}")
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                    os.path.join(ROOT, "train.py"),
@@ -511,14 +509,14 @@ def bench_train(argv):
                 rows.append(dict(gpus=n, compile=comp, parallel=par, status=f"failed (exit {r.returncode}): "
                                                                f"{(r.stderr or r.stdout).strip()[-300:]}"))
                 print(f"  failed: {rows[-1]['status']}", flush=True)
-                continue
-            recs = [json.loads(line) for line in open(log)][1:]     # the first interval holds compilation
-            med = lambda k: sorted(x[k] for x in recs)[len(recs) // 2] if recs and k in recs[0] else None
-            rows.append(dict(gpus=n, compile=comp, parallel=par, status="ok", tokens_per_s=med("tokens_per_s"),
-                             tokens_per_s_per_gpu=med("tokens_per_s_per_device"), mfu=med("mfu"),
-                             mfu_measured_matmul=med("mfu_measured"), intervals=len(recs)))
+            else:
+                recs = [json.loads(line) for line in open(log)][1:]     # the first interval holds compilation
+                med = lambda k: sorted(x[k] for x in recs)[len(recs) // 2] if recs and k in recs[0] else None
+                rows.append(dict(gpus=n, compile=comp, parallel=par, status="ok", tokens_per_s=med("tokens_per_s"),
+                                 tokens_per_s_per_gpu=med("tokens_per_s_per_device"), mfu=med("mfu"),
+                                 mfu_measured_matmul=med("mfu_measured"), intervals=len(recs)))
+            dump()
     finally:
-        dump()
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"{'N':>3} {'mode':>5} {'compile':>7} {'tokens/s':>10} {'per GPU':>10} {'MFU':>6} {'scaling':>8}")
     for r in rows:
@@ -737,13 +735,13 @@ def bench_serve(argv):
              f"--max_num_batched_tokens={max(2048, max(levels))}", "--served_model_name=bench"]
     rows = []
 
-    def dump(more=()):   # after every level: a call cut short keeps what it measured (more: baseline rows so far)
+    def dump():   # after every level: a call cut short keeps what it measured
         result = {"provenance": provenance(card), "config": {**asdict(cfg), "ckpt": cfg.ckpt or f"random {cfg.preset}",
                                                              "server_flags": flags[1:], "requests": n_req},
                   "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
                            "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
                            "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
-                           "after a device sync); its TTFT is the batch's prefill.", "rows": rows + list(more)}
+                           "after a device sync); its TTFT is the batch's prefill.", "rows": rows}
         write_json(cfg.out or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
 
     proc, url = spawn_server(flags, os.path.join(tmp, "server.log"))
@@ -755,29 +753,33 @@ def bench_serve(argv):
         run_load(url, body, max(levels), num_requests=max(levels))   # warm-up: CUDA context, Triton JIT
         for c in levels:
             recs, wall = run_load(url, body, c, num_requests=n_req[c])
-            row = {"engine": "serve.py", "concurrency": c, **summarize(recs, wall)}
-            rows.append(row)
-            print(f"serve.py     c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
-                  f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms  "
-                  f"{row['statuses']}", flush=True)
+            rows.append({"engine": "serve.py", "concurrency": c, **summarize(recs, wall)})
+            print(serve_line(rows[-1]), flush=True)
             dump()
     finally:
         proc.terminate()
         proc.wait(timeout=120)
     if cfg.baseline:
-        rows += hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, dump)
-    dump()
+        hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, rows, dump)
 
 
-def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, dump=None):
-    """transformers' generate on `serve.py --export`: greedy, exactly T new tokens, batches of c prompts."""
+def serve_line(row):
+    return (f"{row['engine'][:12]:<12} c={row['concurrency']:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 "
+            f"{row['ttft_ms']['p50']}/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/"
+            f"{row['itl_ms']['p99']} ms  {row.get('statuses', '')}").rstrip()
+
+
+def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, rows, dump):
+    """transformers' generate on `serve.py --export`: greedy, exactly T new tokens, batches of c prompts.
+    Appends a row per level to `rows` and calls dump() after each."""
     import transformers
     out = os.path.join(tmp, "hf")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "serve.py"), f"--ckpt={ckpt}", f"--export={out}"],
                        capture_output=True, text=True)
     if p.returncode != 0:
         print(f"baseline skipped: export failed: {p.stderr.strip()}", file=sys.stderr)
-        return [{"engine": "transformers.generate", "skipped": p.stderr.strip()}]
+        rows.append({"engine": "transformers.generate", "skipped": p.stderr.strip()})
+        return dump()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dt = {"auto": torch.bfloat16 if dev == "cuda" else torch.float32, "float32": torch.float32,
           "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}[dtype]
@@ -803,7 +805,6 @@ def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, dump=None)
         return t0, clock.times
 
     run(prompts[:2])   # warm-up
-    rows = []
     for c in levels:
         ttft, itl, gen, t_start = [], [], 0, time.perf_counter()
         for s in range(0, n_req[c], c):
@@ -812,15 +813,12 @@ def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, dump=None)
             itl += [b - a for a, b in zip(times, times[1:])] * c
             gen += c * len(times)
         wall = time.perf_counter() - t_start
-        row = {"engine": "transformers.generate", "concurrency": c, "requests": n_req[c], "wall_s": round(wall, 3),
-               "generated_tokens": gen, "throughput_tok_s": round(gen / wall, 2),
-               "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}}
-        rows.append(row)
-        print(f"transformers c={c:<4} {row['throughput_tok_s']:>10.1f} tok/s  TTFT p50/p99 {row['ttft_ms']['p50']}"
-              f"/{row['ttft_ms']['p99']} ms  ITL p50/p99 {row['itl_ms']['p50']}/{row['itl_ms']['p99']} ms", flush=True)
-        if dump:
-            dump(rows)
-    return rows
+        rows.append({"engine": "transformers.generate", "concurrency": c, "requests": n_req[c],
+                     "wall_s": round(wall, 3), "generated_tokens": gen, "throughput_tok_s": round(gen / wall, 2),
+                     "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)},
+                     "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)}})
+        print(serve_line(rows[-1]), flush=True)
+        dump()
 
 
 def robustness_request(i, name, max_model_len):

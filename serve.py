@@ -327,27 +327,26 @@ class Engine:
         if self.metrics:
             self.metrics.preemptions.inc()
 
-    def _table(self, rows, n_tokens):
-        pages = self._blocks_for(n_tokens)
-        table = [r.blocks[:pages] + [0] * (pages - len(r.blocks[:pages])) for r in rows]
+    def _table(self, rows, pages, fill=0):
+        """Rows' block tables, `pages` wide, padded with `fill` (unread: reads stop at each row's length)."""
+        table = [r.blocks[:pages] + [fill] * (pages - len(r.blocks[:pages])) for r in rows]
         return torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
 
     def _decode(self, rows):
+        idx = torch.tensor([[r.ids[-1]] for r in rows]).to(self.device, non_blocking=True)             # (B, 1)
+        lens = torch.tensor([r.num_computed for r in rows], dtype=torch.int32).to(self.device, non_blocking=True)
         if self.use_graphs:
-            logits = self._decode_fixed(rows)
+            logits = self._decode_fixed(idx, lens, rows)
         else:
-            idx = torch.tensor([[r.ids[-1]] for r in rows]).to(self.device, non_blocking=True)         # (B, 1)
-            lens = [r.num_computed for r in rows]
-            cache = M.Cache(self.kv, self._table(rows, max(lens) + 1),
-                            torch.tensor(lens, dtype=torch.int32).to(self.device, non_blocking=True))
-            logits = self.model(idx, cache=cache)[:, -1]                                                 # (B, V)
+            table = self._table(rows, self._blocks_for(max(r.num_computed for r in rows) + 1))
+            logits = self.model(idx, cache=M.Cache(self.kv, table, lens))[:, -1]                       # (B, V)
         for r in rows:
             r.num_computed += 1
         self._sample(rows, logits)
 
-    def _decode_fixed(self, rows):
-        """The decode step on static buffers: rows padded to a bucket of Bb (padding rows: length 0, table all
-        scratch), tables padded with the scratch block to W pages. On CUDA a graph per bucket is replayed."""
+    def _decode_fixed(self, idx, lens, rows):
+        """The decode step on static buffers: the batch padded to a bucket of Bb rows, tables to W pages. Padding
+        rows have length 0 and every page the scratch block. On CUDA each bucket's captured graph is replayed."""
         B, Bb = len(rows), next(b for b in self.buckets if b >= len(rows))
         if self.static is None:
             n = self.cfg.max_num_seqs
@@ -355,15 +354,13 @@ class Engine:
             self.static = {"idx": torch.zeros(n, 1, dtype=torch.long, device=self.device),                # (n, 1)
                            "table": torch.full((n, W), self.scratch, dtype=torch.int32, device=self.device),
                            "lens": torch.zeros(n, dtype=torch.int32, device=self.device)}                # (n,)
-        W, pad = self.static["table"].shape[1], Bb - B
-        host = {"idx": torch.tensor([[r.ids[-1]] for r in rows] + [[0]] * pad),
-                "table": torch.tensor([r.blocks[:W] + [self.scratch] * (W - len(r.blocks[:W])) for r in rows]
-                                      + [[self.scratch] * W] * pad, dtype=torch.int32),
-                "lens": torch.tensor([r.num_computed for r in rows] + [0] * pad, dtype=torch.int32)}
-        for k, v in host.items():
-            self.static[k][:Bb].copy_(v, non_blocking=True)
         if Bb not in self.graphs:
             self.graphs[Bb] = self._capture(Bb)
+        st = self.static
+        st["table"][:Bb].fill_(self.scratch)
+        st["lens"][:Bb].zero_()
+        st["table"][:B] = self._table(rows, st["table"].shape[1], fill=self.scratch)
+        st["idx"][:B], st["lens"][:B] = idx, lens
         return self.graphs[Bb]()[:B]                                                                    # (B, V)
 
     def _capture(self, Bb):
@@ -374,9 +371,7 @@ class Engine:
             return self.model(st["idx"], cache=M.Cache(self.kv, st["table"], st["lens"]))[:, -1]
         if self.device.type != "cuda":
             return run          # tests: the same buffers and padding, eager
-        # the warm-up step (Triton compiles and tunes here, outside the capture) writes into the scratch block
-        # only; forward() advances lens in place, so the real inputs are put back before the first replay
-        saved = {k: v.clone() for k, v in st.items()}
+        # a warm-up step first (Triton compiles and tunes outside the capture): it writes into the scratch block only
         st["table"].fill_(self.scratch)
         st["lens"].zero_()
         side = torch.cuda.Stream(self.device)
@@ -384,13 +379,10 @@ class Engine:
         with torch.cuda.stream(side):
             run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        st["lens"].zero_()
         self.pool = self.pool or torch.cuda.graph_pool_handle()   # buckets share one memory pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = run()
-        for k, v in saved.items():
-            st[k].copy_(v)
 
         def replay():
             graph.replay()
@@ -400,7 +392,7 @@ class Engine:
     def _prefill(self, rows, n):
         c = rows[0].num_computed
         idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
-        cache = M.Cache(self.kv, self._table(rows, c + n),
+        cache = M.Cache(self.kv, self._table(rows, self._blocks_for(c + n)),
                         torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True))
         logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
         for r in rows:
