@@ -734,10 +734,26 @@ def bench_serve(argv):
              f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg.page)}",
              f"--max_num_batched_tokens={max(2048, max(levels))}", "--served_model_name=bench"]
     rows = []
+    # Batch-1 decode reads every weight once per token: its roofline is weight bytes x tokens/s over the
+    # measured copy bandwidth (16-bit weights: what serve.py's --dtype=auto picks on CUDA).
+    n_params = sum(p.numel() for p in M.load_checkpoint(ckpt).parameters())
+    copy_gbs = measure_ceilings(200)[0] if torch.cuda.is_available() else None
+
+    def targets():
+        by = {(r["engine"], r["concurrency"]): r for r in rows}
+        t = {"weight_bytes": 2 * n_params, "copy_GBps": copy_gbs}
+        if ("serve.py", 1) in by and copy_gbs and by["serve.py", 1]["itl_ms"]["p50"]:
+            tok_s = 1000 / by["serve.py", 1]["itl_ms"]["p50"]
+            t["batch1_decode_pct_roofline"] = round(100 * 2 * n_params * tok_s / (copy_gbs * 1e9), 1)
+        c = max(levels)
+        if ("serve.py", c) in by and ("transformers.generate", c) in by:
+            t[f"speedup_c{c}"] = round(by["serve.py", c]["throughput_tok_s"] / by["transformers.generate", c]["throughput_tok_s"], 2)
+        return t
 
     def dump():   # after every level: a call cut short keeps what it measured
-        result = {"provenance": provenance(card), "config": {**asdict(cfg), "ckpt": cfg.ckpt or f"random {cfg.preset}",
-                                                             "server_flags": flags[1:], "requests": n_req},
+        result = {"provenance": provenance(card), "targets": targets(),
+                  "config": {**asdict(cfg), "ckpt": cfg.ckpt or f"random {cfg.preset}",
+                             "server_flags": flags[1:], "requests": n_req},
                   "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
                            "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
                            "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
