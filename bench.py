@@ -775,8 +775,39 @@ def bench_serve(argv):
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+    if torch.cuda.is_available():
+        engine = engine_decode(flags, prompts[0], T, torch.device("cuda"), torch.bfloat16)
+        if copy_gbs:
+            engine.update({k.replace("ms", "pct_roofline"): round(100 * 2 * n_params / (engine[k] / 1e3) / (copy_gbs * 1e9), 1)
+                           for k in ("graph_replay_ms", "engine_step_ms") if engine[k]})
+        rows.append({"engine": "serve.Engine in-process, batch 1", **engine})
+        print(f"engine in-process, batch 1: {engine}", flush=True)
+        dump()
     if cfg.baseline:
         hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, rows, dump)
+
+
+def engine_decode(flags, prompt, T, dev, dtype):
+    """Batch-1 decode without HTTP: serve.Engine stepped in this process for one greedy request (median
+    step time while it decodes), and the bucket-1 CUDA graph replayed alone (do_bench median): what the
+    engine's Python and the server's streaming add on top of the GPU's step."""
+    import serve
+    import triton.testing
+    scfg = serve.parse_args(flags)
+    model = serve.load_model(scfg, dev, dtype)
+    serve.size_cache(scfg, model.config, dev, dtype)
+    eng = serve.Engine(model, scfg)
+    r = eng.submit(prompt, serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True))
+    stamps = []
+    while r.finish_reason is None:
+        eng.step()
+        stamps.append(time.perf_counter())
+    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]        # decode steps (the first stamp ends the prefill)
+    replay = triton.testing.do_bench(eng.graphs[1], warmup=20, rep=500, return_mode="median") if eng.graphs else None
+    del eng, model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"graph_replay_ms": round(replay, 4) if replay else None, "engine_step_ms": pct(steps, 50), "decode_steps": len(steps)}
 
 
 def serve_line(row):
