@@ -803,7 +803,12 @@ def engine_decode(flags, prompt, T, dev, dtype):
         eng.step()
         stamps.append(time.perf_counter())
     steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]        # decode steps (the first stamp ends the prefill)
-    replay = triton.testing.do_bench(eng.graphs[1], warmup=20, rep=500, return_mode="median") if eng.graphs else None
+    replay = None
+    if eng.graphs:   # a replay advances the static lengths in place (forward's seq_lens += 1): reset them each time
+        lens, n = eng.static["lens"][:1], torch.tensor([len(prompt)], dtype=torch.int32, device=dev)
+        with torch.inference_mode():   # the engine's buffers are inference tensors
+            replay = triton.testing.do_bench(lambda: (lens.copy_(n), eng.graphs[1]()), warmup=20, rep=500,
+                                             return_mode="median")
     del eng, model
     if dev.type == "cuda":
         torch.cuda.empty_cache()
