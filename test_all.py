@@ -854,6 +854,26 @@ def test_needle_cli_errors(tmp_path, capsys):
     assert all(f"--{f.name}=" in out for f in _dataclasses.fields(needle.NeedleConfig))
 
 
+def test_needle_shipped_model(tmp_path):
+    """checkpoints/infinitecontext-small is needle.py's default and retrieves at 1k, by our code and by
+    transformers' DeepseekV3 on the same files (an independent implementation of the same weights)."""
+    import transformers
+    out = tmp_path / "shipped.json"
+    p = _subprocess.run([sys.executable, os.path.join(ROOT, "needle.py"), "--lengths=1k", "--depths=0,100", "--samples=1",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    res = _json.loads(out.read_text())
+    assert res["config"]["ckpt"] == "checkpoints/infinitecontext-small" and res["summary"]["accuracy"] == 1.0, res["samples"]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(ROOT, "checkpoints/infinitecontext-small"),
+                                                           dtype=torch.float32).eval()
+    s = needle.make_sample(1024, 50, seed=7)
+    ids = torch.tensor(needle.encode(s["prompt"]))[None]
+    with torch.no_grad():
+        gen = hf.generate(ids, max_new_tokens=len(s["answer"]) + 1, do_sample=False)[0, ids.shape[1]:]
+    text = bytes(t for t in gen.tolist() if t < 256).decode("utf-8", "replace")
+    assert needle.score(text, s["values"]) == 1.0, (text, s["values"])
+
+
 
 # ============================================================================ train (issue 6)
 import json as _tjson  # noqa: E402
