@@ -740,7 +740,7 @@ def bench_serve(argv):
     copy_gbs = measure_ceilings(200)[0] if torch.cuda.is_available() else None
 
     def targets():
-        by = {(r["engine"], r["concurrency"]): r for r in rows}
+        by = {(r["engine"], r.get("concurrency")): r for r in rows}
         t = {"weight_bytes": 2 * n_params, "copy_GBps": copy_gbs}
         if ("serve.py", 1) in by and copy_gbs and by["serve.py", 1]["itl_ms"]["p50"]:
             tok_s = 1000 / by["serve.py", 1]["itl_ms"]["p50"]
@@ -775,7 +775,9 @@ def bench_serve(argv):
     finally:
         proc.terminate()
         proc.wait(timeout=120)
-    if torch.cuda.is_available():
+    if cfg.baseline:
+        hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, rows, dump)
+    if torch.cuda.is_available():   # last: a CUDA error here poisons the process
         engine = engine_decode(flags, prompts[0], T, torch.device("cuda"), torch.bfloat16)
         if copy_gbs:
             engine.update({k.replace("ms", "pct_roofline"): round(100 * 2 * n_params / (engine[k] / 1e3) / (copy_gbs * 1e9), 1)
@@ -783,8 +785,6 @@ def bench_serve(argv):
         rows.append({"engine": "serve.Engine in-process, batch 1", **engine})
         print(f"engine in-process, batch 1: {engine}", flush=True)
         dump()
-    if cfg.baseline:
-        hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, rows, dump)
 
 
 def engine_decode(flags, prompt, T, dev, dtype):
