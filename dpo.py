@@ -193,7 +193,7 @@ import train as T  # noqa: E402  (after the functions above: they need neither t
 @dataclass
 class DPOConfig(T.TrainConfig):
     # DPO (every train.py flag below applies too: FSDP under torchrun, checkpoints, --resume, W&B)
-    ckpt: str = "out/tiny/ckpt.pt"     # SFT checkpoint: the policy's start and the frozen reference
+    ckpt: str = "out/tiny/ckpt.pt"     # SFT model (ckpt.pt or HF export): the policy's start and the frozen reference
     pairs: str = ""                    # prompt/chosen/rejected JSONL (needle.py --pairs); empty: generate from --ckpt
     pair_lengths: str = "512"          # generated pairs: prompt lengths, comma-separated (k = 1024)
     pair_depths: str = "0,25,50,75,100"  # generated pairs: needle depths in percent
@@ -249,9 +249,9 @@ def parse_args(argv):
         if cfg.ckpt == DPOConfig.ckpt:
             raise T.ConfigError(f"no SFT checkpoint {cfg.ckpt}: run `python train.py` first (or pass --ckpt=PATH)")
         raise T.ConfigError(f"--ckpt={cfg.ckpt}: no such file")
-    if os.path.isdir(cfg.ckpt):        # train.py's init_from reads a ckpt.pt (not a Hugging Face folder)
+    if os.path.isdir(cfg.ckpt) and not os.path.isfile(os.path.join(cfg.ckpt, "config.json")):   # not a HF export
         if not os.path.isfile(os.path.join(cfg.ckpt, "ckpt.pt")):
-            raise T.ConfigError(f"--ckpt={cfg.ckpt}: a folder without ckpt.pt (DPO starts from a train.py/dpo.py ckpt.pt)")
+            raise T.ConfigError(f"--ckpt={cfg.ckpt}: a folder without ckpt.pt or a Hugging Face export (config.json)")
         cfg.ckpt = os.path.join(cfg.ckpt, "ckpt.pt")
     if cfg.pairs and not os.path.isfile(cfg.pairs):
         raise T.ConfigError(f"--pairs={cfg.pairs}: no such file")

@@ -1404,10 +1404,16 @@ def test_dpo_cli_resume_exact(tmp_path, monkeypatch):
                         or forward(self, *a, **kw))
     assert _dpo_cli(tmp_path, f"--out_dir={tmp_path / 'b'}", "--max_iters=6", "--loss_type=ipo", "--resume=True") == 0
     assert calls == [True, True]                        # two training steps, nothing recomputed for the reference
+    # the same run from a float32 Hugging Face export of the SFT model (the shipped model's layout)
+    M.export_hf(M.load_checkpoint(str(tmp_path / "sft.pt")), str(tmp_path / "hf"), dtype=torch.float32)
+    assert dpo.main([f"--ckpt={tmp_path / 'hf'}", f"--pairs={tmp_path / 'pairs.jsonl'}", "--batch_size=4", "--lr=1e-3",
+                     "--warmup_iters=0", "--min_lr=1e-3", "--ref_batch_size=2", "--eval_samples=0", "--threads=1",
+                     "--compile=False", "--beta=0.1", f"--out_dir={tmp_path / 'c'}", "--max_iters=6", "--loss_type=ipo"]) == 0
     a = [_dpo_json.loads(ln) for ln in open(tmp_path / "a" / "log.jsonl")]
     b = [_dpo_json.loads(ln) for ln in open(tmp_path / "b" / "log.jsonl")]
-    assert [r["step"] for r in b] == list(range(1, 7))
-    for x, y in zip(a, b):
+    c = [_dpo_json.loads(ln) for ln in open(tmp_path / "c" / "log.jsonl")]
+    assert [r["step"] for r in b] == [r["step"] for r in c] == list(range(1, 7))
+    for x, y in list(zip(a, b)) + list(zip(a, c)):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-9)
         assert x["rewards/margins"] == pytest.approx(y["rewards/margins"], rel=1e-6, abs=1e-9)
 
