@@ -141,7 +141,7 @@ class Output:
     completion_tokens: int = 0
 
 
-@dataclass
+@dataclass(eq=False)   # a request is its identity: `r in self.running` must not compare token lists field by field
 class Request:
     prompt: list                        # token ids
     params: SamplingParams
