@@ -739,12 +739,14 @@ def bench_serve(argv):
     n_params = sum(p.numel() for p in M.load_checkpoint(ckpt).parameters())
     copy_gbs = measure_ceilings(200)[0] if torch.cuda.is_available() else None
 
+    def pct_roofline(ms_per_token):
+        return round(100 * 2 * n_params / (ms_per_token / 1e3) / (copy_gbs * 1e9), 1)
+
     def targets():
         by = {(r["engine"], r.get("concurrency")): r for r in rows}
         t = {"weight_bytes": 2 * n_params, "copy_GBps": copy_gbs}
         if ("serve.py", 1) in by and copy_gbs and by["serve.py", 1]["itl_ms"]["p50"]:
-            tok_s = 1000 / by["serve.py", 1]["itl_ms"]["p50"]
-            t["batch1_decode_pct_roofline"] = round(100 * 2 * n_params * tok_s / (copy_gbs * 1e9), 1)
+            t["batch1_decode_pct_roofline"] = pct_roofline(by["serve.py", 1]["itl_ms"]["p50"])
         c = max(levels)
         if ("serve.py", c) in by and ("transformers.generate", c) in by:
             t[f"speedup_c{c}"] = round(by["serve.py", c]["throughput_tok_s"] / by["transformers.generate", c]["throughput_tok_s"], 2)
@@ -780,7 +782,7 @@ def bench_serve(argv):
     if torch.cuda.is_available():   # last: a CUDA error here poisons the process
         engine = engine_decode(flags, prompts[0], T, torch.device("cuda"), torch.bfloat16)
         if copy_gbs:
-            engine.update({k.replace("ms", "pct_roofline"): round(100 * 2 * n_params / (engine[k] / 1e3) / (copy_gbs * 1e9), 1)
+            engine.update({k.replace("ms", "pct_roofline"): pct_roofline(engine[k])
                            for k in ("graph_replay_ms", "engine_step_ms") if engine[k]})
         rows.append({"engine": "serve.Engine in-process, batch 1", **engine})
         print(f"engine in-process, batch 1: {engine}", flush=True)

@@ -948,8 +948,6 @@ def load_model(cfg, device="cpu", dtype=torch.float32):
 
 
 def export(model, out_dir):
-    if not hasattr(M, "export_hf"):
-        die("model.export_hf is not in this checkout yet (issue 3, branch hf): cannot export")
     M.export_hf(model, out_dir)
     print(f"serve.py: wrote the Hugging Face export to {out_dir}", file=sys.stderr)
 
