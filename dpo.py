@@ -13,6 +13,9 @@ beta * (pi - ref); the loss is a logistic regression on the reward margin,
 cDPO (Mitchell 2023) assumes labels flipped with probability eps: -(1-eps) log s(beta z) - eps log s(-beta z);
 TRL's "robust" variant divides the eps-weighted difference by (1 - 2 eps) so it stays unbiased;
 IPO (Azar et al. 2023) regresses the length-normalised margin onto 1/(2 beta) with a squared loss.
+RPO (Pang et al. 2024; TRL's rpo_alpha) adds alpha * the chosen answer's per-token NLL, -pi_c / n_c: plain
+DPO can raise the margin by lowering both answers, and on the needle task that unlearns copying (the
+rejected value is a distractor the model copied from the context too).
 The reference model is the frozen SFT model: its log-probs never change, so we compute them once
 before training and store them with the pairs (TRL's precompute_ref_log_probs); the training steps
 run the policy alone, chosen and rejected rows in one concatenated forward (TRL's concatenated_forward).
@@ -36,9 +39,11 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/
 
 
 # ----------------------------------------------------------------------------- the loss
-def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, len_c=None, len_r=None):
+def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, len_c=None, len_r=None,
+             rpo_alpha=0.0):
     """Per-pair DPO losses and implicit rewards. All inputs (B,) summed completion log-probs;
-    len_c / len_r (B,) completion token counts (IPO only: it compares per-token log-ratios).
+    len_c / len_r (B,) completion token counts (IPO and RPO: they use per-token log-probs).
+    rpo_alpha > 0 adds rpo_alpha * (-pi_c / len_c), the chosen answer's mean token NLL, to every loss.
     Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)), rewards = beta * (pi - ref), detached."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -58,6 +63,8 @@ def dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=0.1, loss_type="sigmoid", label_smoo
             losses = -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
         else:                        # robust (Chowdhury et al. 2024): unbiased under label-flip rate eps
             losses = (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
+    if rpo_alpha:
+        losses = losses - rpo_alpha * pi_c / (1.0 if len_c is None else len_c)
     return losses, beta * lr_c.detach(), beta * lr_r.detach()
 
 
@@ -112,14 +119,14 @@ def sequence_logps(model, idx, targets):
     return tok_logp.sum(-1), (targets != -1).sum(-1)
 
 
-def dpo_step_loss(model, batch, beta=0.1, loss_type="sigmoid", label_smoothing=0.0):
+def dpo_step_loss(model, batch, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, rpo_alpha=0.0):
     """train.py's loss_fn: one concatenated policy forward over a collated batch of B pairs ->
     (summed loss, B, summed TRL metrics). The reference log-probs come from the batch, never from a model."""
     logps, lengths = sequence_logps(model, batch["idx"], batch["targets"])   # (2B,), (2B,)
     B = logps.shape[0] // 2
     ref = batch["ref"].to(logps.device)
     losses, rc, rr = dpo_loss(logps[:B], logps[B:], ref[:B], ref[B:], beta, loss_type, label_smoothing,
-                              lengths[:B], lengths[B:])
+                              lengths[:B], lengths[B:], rpo_alpha)
     return losses.sum(), B, dpo_metrics(losses, rc, rr, logps[:B], logps[B:])
 
 
@@ -202,6 +209,7 @@ class DPOConfig(T.TrainConfig):
     beta: float = 0.1                  # KL strength: reward = beta * (log pi - log ref)
     loss_type: str = "sigmoid"         # sigmoid (DPO; cDPO with --label_smoothing), robust, or ipo
     label_smoothing: float = 0.0       # cDPO / robust: assumed rate of flipped preference labels, in [0, 0.5)
+    rpo_alpha: float = 0.0             # RPO: + alpha * the chosen answer's per-token NLL (TRL's rpo_alpha; 0: off)
     ref_batch_size: int = 8            # pairs per forward when precomputing the reference log-probs
     results: str = ""                  # results JSON (default results/dpo_<out_dir name>.json)
     # train.py defaults changed for DPO: a short, gentle run from the SFT weights
@@ -240,6 +248,8 @@ def parse_args(argv):
         raise T.ConfigError("--beta must be > 0")
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise T.ConfigError("--label_smoothing must be in [0, 0.5)")
+    if cfg.rpo_alpha < 0:
+        raise T.ConfigError("--rpo_alpha must be >= 0")
     if cfg.loss_type == "ipo" and cfg.label_smoothing:
         raise T.ConfigError("--label_smoothing applies to sigmoid/robust, not ipo")
     for key in ("pair_samples", "ref_batch_size"):
@@ -342,7 +352,7 @@ def run(cfg):
     cfg.seq_len = max(sum(map(len, encode_pair(p)[:2])) for p in pairs)   # the longest row: for the log line
     batches = pair_batches(pairs, cfg.batch_size, cfg.grad_accum, cfg.seed)
     loss_fn = functools.partial(dpo_step_loss, beta=cfg.beta, loss_type=cfg.loss_type,
-                                label_smoothing=cfg.label_smoothing)
+                                label_smoothing=cfg.label_smoothing, rpo_alpha=cfg.rpo_alpha)
     return T.train(cfg, batches=batches, loss_fn=loss_fn), pairs
 
 

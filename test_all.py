@@ -1255,6 +1255,12 @@ def test_dpo_loss_closed_forms():
     # IPO, length-normalised: ((pi_c-ref_c)/n_c - (pi_r-ref_r)/n_r - 1/(2 beta))^2 = (1/4 + 1/2 - 5)^2
     ipo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, loss_type="ipo", len_c=t(4.0), len_r=t(2.0))
     assert abs(ipo.item() - 4.25 ** 2) < 1e-12
+    # RPO: + alpha * the chosen answer's per-token NLL, here 0.5 * 10 / 4, on top of any loss type
+    rpo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, len_c=t(4.0), len_r=t(2.0), rpo_alpha=0.5)
+    assert abs(rpo.item() - (math.log1p(math.exp(-0.2)) + 1.25)) < 1e-12
+    rpo, _, _ = dpo.dpo_loss(t(-10.0), t(-12.0), t(-11.0), t(-11.0), beta=0.1, loss_type="ipo", len_c=t(4.0), len_r=t(2.0),
+                             rpo_alpha=2.0)
+    assert abs(rpo.item() - (4.25 ** 2 + 5.0)) < 1e-12
     n_c, n_r = torch.tensor([3.0, 7.0], dtype=torch.float64), torch.tensor([5.0, 1.0], dtype=torch.float64)
     a, b, c, d = (torch.tensor(v, dtype=torch.float64) for v in ([-3., -9.], [-4., -2.], [-3.5, -8.], [-5., -2.5]))
     ipo, _, _ = dpo.dpo_loss(a, b, c, d, beta=0.5, loss_type="ipo", len_c=n_c, len_r=n_r)
@@ -1452,6 +1458,7 @@ def test_dpo_cli_errors(tmp_path, monkeypatch, capsys):
         f.write(_dpo_json.dumps(_dpo_pairs()[0]) + "\n" + '{"prompt": "a", "chosen": "b"}\n')
     for args, words in ((["--loss_type=hinge"], "--loss_type='hinge'"), (["--ckpt=sft.pt", "--beta=0"], "--beta"),
                         (["--ckpt=sft.pt", "--loss_type=ipo", "--label_smoothing=0.1"], "--label_smoothing"),
+                        (["--ckpt=sft.pt", "--rpo_alpha=-1"], "--rpo_alpha"),
                         (["--ckpt=sft.pt", "--data=t.txt"], "--data"), (["--ckpt=nope.pt"], "nope.pt"),
                         (["--ckpt=sft.pt", "--pair_lengths=100"], "--pair_lengths"), (["--beta"], "--key=value"),
                         (["--ckpt=sft.pt", "--pairs=bad.jsonl", "--out_dir=o"], "bad.jsonl:2")):
