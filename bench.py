@@ -762,7 +762,7 @@ def bench_serve(argv):
                            "after a device sync); its TTFT is the batch's prefill.", "rows": rows}
         write_json(cfg.out or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
 
-    proc, url = spawn_server(flags, os.path.join(tmp, "server.log"))
+    proc, url = spawn_server(flags, os.path.join(tmp, "server.log"), timeout=480)   # CUDA: compile + capture first
     try:
         def body(i):
             return ("/v1/completions", {"prompt": prompts[i % len(prompts)], "max_tokens": T, "temperature": 0,
@@ -781,40 +781,55 @@ def bench_serve(argv):
         hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, rows, dump)
     if torch.cuda.is_available():   # last: a CUDA error here poisons the process
         engine = engine_decode(flags, prompts[0], T, torch.device("cuda"), torch.bfloat16)
-        if copy_gbs:
-            engine.update({k.replace("ms", "pct_roofline"): pct_roofline(engine[k])
-                           for k in ("graph_replay_ms", "engine_step_ms") if engine[k]})
+        for row in engine.values() if copy_gbs else ():
+            row.update({k.replace("ms", "pct_roofline"): pct_roofline(row[k])
+                        for k in ("graph_replay_ms", "engine_step_ms") if row.get(k)})
         rows.append({"engine": "serve.Engine in-process, batch 1", **engine})
         print(f"engine in-process, batch 1: {engine}", flush=True)
         dump()
 
 
 def engine_decode(flags, prompt, T, dev, dtype):
-    """Batch-1 decode without HTTP: serve.Engine stepped in this process for one greedy request (median
-    step time while it decodes), and the bucket-1 CUDA graph replayed alone (do_bench median): what the
-    engine's Python and the server's streaming add on top of the GPU's step."""
+    """Batch-1 decode without HTTP, with serve.py's torch.compile'd decode blocks and with eager ones: serve.Engine
+    stepped in this process for one greedy request (median step time while it decodes), the bucket-1 CUDA graph
+    replayed alone (do_bench median), and that graph's logits against the plain eager forward on the same input
+    (correctness). What the engine's Python and the server's streaming add on top of the GPU's step."""
     import serve
     import triton.testing
     scfg = serve.parse_args(flags)
     model = serve.load_model(scfg, dev, dtype)
     serve.size_cache(scfg, model.config, dev, dtype)
-    eng = serve.Engine(model, scfg)
-    r = eng.submit(prompt, serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True))
-    stamps = []
-    while r.finish_reason is None:
-        eng.step()
-        stamps.append(time.perf_counter())
-    steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]        # decode steps (the first stamp ends the prefill)
-    replay = None
-    if eng.graphs:   # a replay advances the static lengths in place (forward's seq_lens += 1): reset them each time
-        lens, n = eng.static["lens"][:1], torch.tensor([len(prompt)], dtype=torch.int32, device=dev)
-        with torch.inference_mode():   # the engine's buffers are inference tensors
-            replay = triton.testing.do_bench(lambda: (lens.copy_(n), eng.graphs[1]()), warmup=20, rep=500,
-                                             return_mode="median")
-    del eng, model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    return {"graph_replay_ms": round(replay, 4) if replay else None, "engine_step_ms": pct(steps, 50), "decode_steps": len(steps)}
+    out = {}
+    for compiled in (True, False):
+        scfg.compile = compiled
+        eng = serve.Engine(model, scfg)
+        t0 = time.perf_counter()
+        eng.capture_graphs([1])
+        capture_s = time.perf_counter() - t0
+        r = eng.submit(prompt, serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True))
+        stamps = []
+        while r.finish_reason is None:
+            eng.step()
+            stamps.append(time.perf_counter())
+        steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]    # decode steps (the first stamp ends the prefill)
+        row = {"compiled_blocks": eng.layers is not None, "capture_s": round(capture_s, 1),
+               "engine_step_ms": pct(steps, 50), "decode_steps": len(steps)}
+        if eng.graphs and eng.use_graphs:   # a replay advances the static lengths (seq_lens += 1): reset them each time
+            st, n = eng.static, torch.tensor([len(prompt)], dtype=torch.int32, device=dev)
+            with torch.inference_mode():   # the engine's buffers are inference tensors
+                row["graph_replay_ms"] = round(triton.testing.do_bench(
+                    lambda: (st["lens"][:1].copy_(n), eng.graphs[1]()), warmup=20, rep=500, return_mode="median"), 4)
+                st["lens"][:1].copy_(n)
+                got = eng.graphs[1]().float()
+                want = model(st["idx"][:1], cache=M.Cache(eng.kv, st["table"][:1], n.clone()))[:, -1].float()
+            row["vs_eager_forward"] = {"max_abs_logit_diff": round((got - want).abs().max().item(), 4),
+                                       "logit_scale": round(want.abs().max().item(), 3),
+                                       "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
+        out["compiled" if compiled else "eager"] = row
+        del eng
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
 
 
 def serve_line(row):

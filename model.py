@@ -205,6 +205,7 @@ def new_cache(cfg, batch, max_len, page=64, dtype=torch.float32, device="cpu"):
     return Cache(kv, table, torch.zeros(batch, dtype=torch.int32, device=device))
 
 
+@torch.compiler.disable   # in place into the (huge) pool: torch.compile (serve.py's decode) must not functionalise it
 def cache_write(kv, block_table, seq_lens, rows):
     """Write rows (B, T, W) at positions seq_lens[b] .. seq_lens[b]+T-1 of one layer's kv (N, page, W)."""
     page = kv.shape[1]
@@ -219,6 +220,7 @@ def cache_read(kv, block_table, n):
     return kv[block_table[:, :pages].long()].flatten(1, 2)[:, :n]
 
 
+@torch.compiler.disable   # the kernel's launch grid is host arithmetic on shapes: left out of torch.compile
 def latent_attention(q_lat, q_pe, kv, block_table, seq_lens, scale):
     """Absorbed MLA decode against one layer's latent cache -> o_lat (B, H, R).
     scores = (q_lat . c + q_pe . k_pe) * scale over each row's first seq_lens tokens; o = softmax . c.
@@ -405,10 +407,11 @@ class Transformer(nn.Module):
         self.inv_freq = inv_freq.to(self.inv_freq.device)
         return self
 
-    def forward(self, idx, targets=None, pos=None, cache=None):
+    def forward(self, idx, targets=None, pos=None, cache=None, layers=None):
         """idx (B, T) token ids; pos (B, T) explicit positions (PoSE may skip ahead; default 0..T-1, or
         continuing from cache.seq_lens); targets (B, T) with -1 where no loss is taken. With a cache the
-        tokens are appended to it (decode when T == 1, a prefill chunk otherwise)."""
+        tokens are appended to it (decode when T == 1, a prefill chunk otherwise). layers: the blocks to
+        run instead of self.layers (serve.py's torch.compile'd copies for decode)."""
         B, T = idx.shape
         if cache is not None and T > 1 and bool((cache.seq_lens != cache.seq_lens[0]).any()):
             raise ValueError("a prefill chunk needs rows of one cached length; decode (T == 1) may be ragged")
@@ -418,7 +421,7 @@ class Transformer(nn.Module):
         inv_freq = self.inv_freq.double() if self.lm_head.weight.dtype == torch.float64 else self.inv_freq
         cos, sin = rope_cos_sin(inv_freq, pos)
         x = self.embed_tokens(idx)
-        for i, block in enumerate(self.layers):
+        for i, block in enumerate(layers or self.layers):
             x = block(x, cos, sin, self.softmax_scale, cache, i)
         logits = self.lm_head(self.norm(x))                                   # (B, T, V)
         if cache is not None:

@@ -68,6 +68,7 @@ class ServeConfig:
     max_num_batched_tokens: int = 2048  # tokens one engine step may feed (decode + prefill chunks)
     max_queue: int = 1024               # waiting requests; beyond this a request gets 503 + Retry-After
     enforce_eager: bool = False         # decode without CUDA graphs (graphs: CUDA, MLA and a 16-bit cache only)
+    compile: bool = True                # with CUDA graphs: torch.compile the decode blocks first (fewer, fused kernels)
     drain_timeout: int = 600            # seconds SIGTERM waits for running requests before it cancels them
     access_log: bool = False            # uvicorn's line per request (on stdout)
     export: str = ""                    # write the Hugging Face export to this folder and exit (or: for --backend=vllm)
@@ -192,6 +193,10 @@ class Engine:
                            and self.dtype in (torch.bfloat16, torch.float16))
         self.buckets = sorted({min(2 ** i, cfg.max_num_seqs) for i in range(cfg.max_num_seqs.bit_length() + 1)})
         self.graphs, self.static, self.pool = {}, None, None
+        # A replay costs ~2-3 us per kernel however small, and an eager block is ~60 of them (each RMSNorm and
+        # RoPE is several elementwise ops): compiling fuses those. The cache write and the attention kernel stay
+        # eager inside (model.py disables compile there); dynamic=True: one compile serves every bucket above 1.
+        self.layers = [torch.compile(b, dynamic=True) for b in model.layers] if self.use_graphs and cfg.compile else None
         self.free = list(range(cfg.num_blocks - 1, -1, -1))                      # a stack: pop() -> lowest first
         self.inbox, self.waiting, self.running = deque(), deque(), []
         self.metrics, self.deliver = metrics, deliver or (lambda batch: None)
@@ -348,14 +353,8 @@ class Engine:
         """The decode step on static buffers: the batch padded to a bucket of Bb rows, tables to W pages. Padding
         rows have length 0 and every page the scratch block. On CUDA each bucket's captured graph is replayed."""
         B, Bb = len(rows), next(b for b in self.buckets if b >= len(rows))
-        if self.static is None:
-            n = self.cfg.max_num_seqs
-            W = self._blocks_for(self.cfg.max_model_len) if self.cfg.max_model_len else self.cfg.num_blocks
-            self.static = {"idx": torch.zeros(n, 1, dtype=torch.long, device=self.device),                # (n, 1)
-                           "table": torch.full((n, W), self.scratch, dtype=torch.int32, device=self.device),
-                           "lens": torch.zeros(n, dtype=torch.int32, device=self.device)}                # (n,)
         if Bb not in self.graphs:
-            self.graphs[Bb] = self._capture(Bb)
+            self.capture_graphs([Bb])
         st = self.static
         st["table"][:Bb].fill_(self.scratch)
         st["lens"][:Bb].zero_()
@@ -363,21 +362,44 @@ class Engine:
         st["idx"][:B], st["lens"][:B] = idx, lens
         return self.graphs[Bb]()[:B]                                                                    # (B, V)
 
+    @torch.inference_mode()
+    def capture_graphs(self, buckets=None):
+        """Static buffers, then each bucket's decode (a CUDA graph on CUDA). The server captures all buckets
+        before it opens (vLLM does too): a capture in the middle of serving stalls every running request."""
+        if self.static is None:
+            n = self.cfg.max_num_seqs
+            W = self._blocks_for(self.cfg.max_model_len) if self.cfg.max_model_len else self.cfg.num_blocks
+            self.static = {"idx": torch.zeros(n, 1, dtype=torch.long, device=self.device),                # (n, 1)
+                           "table": torch.full((n, W), self.scratch, dtype=torch.int32, device=self.device),
+                           "lens": torch.zeros(n, dtype=torch.int32, device=self.device)}                # (n,)
+        for Bb in buckets or self.buckets:
+            if Bb not in self.graphs:
+                self.graphs[Bb] = self._capture(Bb)
+
     def _capture(self, Bb):
         """A function running the decode of the first Bb static rows and returning its logits (Bb, V)."""
         st = {k: v[:Bb] for k, v in self.static.items()}
 
         def run():
-            return self.model(st["idx"], cache=M.Cache(self.kv, st["table"], st["lens"]))[:, -1]
+            return self.model(st["idx"], cache=M.Cache(self.kv, st["table"], st["lens"]), layers=self.layers)[:, -1]
         if self.device.type != "cuda":
             return run          # tests: the same buffers and padding, eager
-        # a warm-up step first (Triton compiles and tunes outside the capture): it writes into the scratch block only
+        # a warm-up step first (Triton and torch.compile compile outside the capture): it writes the scratch block only
         st["table"].fill_(self.scratch)
         st["lens"].zero_()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            run()
+            try:
+                run()
+            except Exception as e:   # a torch.compile failure must not take the server down: decode eagerly
+                if self.layers is None:
+                    raise
+                print(f"serve.py: torch.compile of the decode failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                      "capturing the eager blocks", file=sys.stderr, flush=True)
+                self.layers = None
+                st["lens"].zero_()
+                run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.pool = self.pool or torch.cuda.graph_pool_handle()   # buckets share one memory pool
         graph = torch.cuda.CUDAGraph()
@@ -1008,6 +1030,11 @@ def main(argv):
     per_token = size_cache(cfg, model.config, device, dtype)
     metrics = Metrics(cfg.served_model_name)
     engine = Engine(model, cfg, metrics)
+    if engine.use_graphs:
+        t0 = time.perf_counter()
+        engine.capture_graphs()
+        print(f"serve.py: decode graphs for batch {engine.buckets} ({'compiled' if engine.layers else 'eager'} blocks) "
+              f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     app = build_app(engine, cfg, metrics)
     print(f"serve.py: {cfg.served_model_name} ({model.num_params() / 1e6:.2f}M non-embedding params) on {device} "
           f"{str(dtype).removeprefix('torch.')}; kv cache {cfg.num_blocks} blocks x {cfg.page} tokens "

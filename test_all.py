@@ -1826,13 +1826,14 @@ def _strip_stop(ids):
 
 
 @_needs_serve
-@pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed_shape"])
+@pytest.mark.parametrize("fixed", [False, True, "compiled"], ids=["dynamic", "fixed_shape", "compiled"])
 def test_serve_engine_matches_generate_with_preemption(fixed):
     """16 ragged requests through the engine with a cache too small for all of them: the scheduler must wait,
     chunk prefills, batch ragged decodes and preempt; every greedy output must still be model.generate's
     (float64), and every block must come back. fixed_shape: the decode path that CUDA graphs replay (batch
     padded to a bucket, tables padded with the scratch block), run eagerly here: padding rows must not touch
-    any sequence's blocks."""
+    any sequence's blocks. compiled: the same through torch.compile'd blocks (dynamic batch; the cache write
+    and attention left eager), as serve.py captures them on CUDA (~70 s of CPU compiling)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny ops: more threads only contend
     try:
@@ -1847,7 +1848,9 @@ def _serve_engine_check(fixed=False):
     cfg = serve.ServeConfig(page=16, num_blocks=24, max_model_len=384, max_num_seqs=8, max_num_batched_tokens=40)
     outs = []
     eng = serve.Engine(model, cfg, deliver=outs.extend)
-    eng.use_graphs = fixed                     # on CUDA: decided by device, attention and cache dtype
+    eng.use_graphs = bool(fixed)               # on CUDA: decided by device, attention and cache dtype
+    if fixed == "compiled":                    # serve.py's torch.compile'd decode blocks (on CUDA: --compile)
+        eng.layers = [torch.compile(b, dynamic=True) for b in model.layers]
     prompts = _serve_prompts(16)
     reqs = [eng.submit(p, serve.SamplingParams(max_tokens=40 + i, temperature=0.0, ignore_eos=i % 2 == 0))
             for i, p in enumerate(prompts)]
