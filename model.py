@@ -189,6 +189,7 @@ class Cache:
     kv: torch.Tensor           # (L, num_blocks, page, width)
     block_table: torch.Tensor  # (B, max_pages) int32
     seq_lens: torch.Tensor     # (B,) int32
+    slots: torch.Tensor = None  # (B, T) where forward's T new tokens go (cache_slots): set once per forward
 
 
 def cache_width(cfg):
@@ -205,13 +206,17 @@ def new_cache(cfg, batch, max_len, page=64, dtype=torch.float32, device="cpu"):
     return Cache(kv, table, torch.zeros(batch, dtype=torch.int32, device=device))
 
 
+def cache_slots(block_table, seq_lens, T, page):
+    """Rows of a layer's kv.view(-1, width) for positions seq_lens[b] .. seq_lens[b]+T-1 of each row: (B, T).
+    The same for every layer, so forward computes them once (a decode step's CUDA graph has fewer kernels)."""
+    p = seq_lens[:, None].long() + torch.arange(T, device=seq_lens.device)           # (B, T) positions
+    return block_table.long().gather(1, p // page) * page + p % page
+
+
 @torch.compiler.disable   # in place into the (huge) pool: torch.compile (serve.py's decode) must not functionalise it
-def cache_write(kv, block_table, seq_lens, rows):
-    """Write rows (B, T, W) at positions seq_lens[b] .. seq_lens[b]+T-1 of one layer's kv (N, page, W)."""
-    page = kv.shape[1]
-    p = seq_lens[:, None].long() + torch.arange(rows.shape[1], device=rows.device)   # (B, T)
-    blocks = block_table.long().gather(1, p // page)                                  # (B, T)
-    kv[blocks, p % page] = rows.to(kv.dtype)
+def cache_write(kv, slots, rows):
+    """Write rows (B, T, W) into one layer's kv (N, page, W) at slots (B, T) from cache_slots."""
+    kv.view(-1, kv.shape[-1])[slots] = rows.to(kv.dtype)
 
 
 def cache_read(kv, block_table, n):
@@ -292,7 +297,7 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, nope + dv, R)                       # per head [W_UK; W_UV]
         if cache is not None:
             kv = cache.kv[layer]
-            cache_write(kv, cache.block_table, cache.seq_lens, torch.cat([c, k_pe], dim=-1))
+            cache_write(kv, cache.slots, torch.cat([c, k_pe], dim=-1))
             if T == 1:  # absorbed decode: never decompress the cache
                 q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, :nope])            # W_UK^T q^C
                 o_lat = latent_attention(q_lat, q_pe[:, 0], kv, cache.block_table, cache.seq_lens + 1, scale)
@@ -328,7 +333,7 @@ class MHA(nn.Module):
         v = self.v_proj(x).view(B, T, Hk, D)
         if cache is not None:
             kv = cache.kv[layer]
-            cache_write(kv, cache.block_table, cache.seq_lens, torch.cat([k, v], dim=2).flatten(2))
+            cache_write(kv, cache.slots, torch.cat([k, v], dim=2).flatten(2))
             if T == 1:  # rows may have different lengths: mask per row
                 kvs = cache_read(kv, cache.block_table, int(cache.seq_lens.max()) + 1)
                 valid = torch.arange(kvs.shape[1], device=x.device) <= cache.seq_lens[:, None]
@@ -415,6 +420,8 @@ class Transformer(nn.Module):
         B, T = idx.shape
         if cache is not None and T > 1 and bool((cache.seq_lens != cache.seq_lens[0]).any()):
             raise ValueError("a prefill chunk needs rows of one cached length; decode (T == 1) may be ragged")
+        if cache is not None:
+            cache.slots = cache_slots(cache.block_table, cache.seq_lens, T, cache.kv.shape[2])
         if pos is None:
             start = cache.seq_lens[:, None].long() if cache is not None else 0
             pos = start + torch.arange(T, device=idx.device)[None].expand(B, T)
