@@ -790,7 +790,7 @@ def bench_serve(argv):
 
 
 def engine_decode(flags, prompt, T, dev, dtype):
-    """Batch-1 decode without HTTP, with serve.py's torch.compile'd decode blocks and with eager ones: serve.Engine
+    """CUDA only. Batch-1 decode without HTTP, with serve.py's torch.compile'd decode blocks and with eager ones: serve.Engine
     stepped in this process for one greedy request (median step time while it decodes), the bucket-1 CUDA graph
     replayed alone (do_bench median), and that graph's logits against the plain eager forward on the same input
     (correctness). What the engine's Python and the server's streaming add on top of the GPU's step."""
@@ -814,7 +814,7 @@ def engine_decode(flags, prompt, T, dev, dtype):
         steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]    # decode steps (the first stamp ends the prefill)
         row = {"compiled_blocks": eng.layers is not None, "capture_s": round(capture_s, 1),
                "engine_step_ms": pct(steps, 50), "decode_steps": len(steps)}
-        if eng.graphs and eng.use_graphs:   # a replay advances the static lengths (seq_lens += 1): reset them each time
+        if eng.use_graphs:   # a replay advances the static lengths (seq_lens += 1): reset them each time
             st, n = eng.static, torch.tensor([len(prompt)], dtype=torch.int32, device=dev)
             with torch.inference_mode():   # the engine's buffers are inference tensors
                 row["graph_replay_ms"] = round(triton.testing.do_bench(
@@ -827,8 +827,7 @@ def engine_decode(flags, prompt, T, dev, dtype):
                                        "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
         out["compiled" if compiled else "eager"] = row
         del eng
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
     return out
 
 
