@@ -190,6 +190,7 @@ class Cache:
     block_table: torch.Tensor  # (B, max_pages) int32
     seq_lens: torch.Tensor     # (B,) int32
     slots: torch.Tensor = None  # (B, T) where forward's T new tokens go (cache_slots): set once per forward
+    start: int = None           # a prefill chunk's cached length (all rows) on the host; forward clears it
 
 
 def cache_width(cfg):
@@ -304,7 +305,7 @@ class MLA(nn.Module):
                 o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:])                       # W_UV o_lat
                 return self.o_proj(o.reshape(B, 1, H * dv))
             # prefill chunk: attend to everything cached so far (rows share one length here)
-            c, k_pe = cache_read(kv, cache.block_table, int(cache.seq_lens[0]) + T).split([R, P], dim=-1)
+            c, k_pe = cache_read(kv, cache.block_table, cache.start + T).split([R, P], dim=-1)
         # naive path: decompress the latent into per-head keys and values
         k_nope, v = torch.einsum("bsr,hdr->bshd", c, w).split([nope, dv], dim=-1)    # (B, S, H, nope|dv)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)      # (B, S, H, nope+P)
@@ -342,7 +343,7 @@ class MHA(nn.Module):
                                                    attn_mask=valid[:, None, None], scale=scale,
                                                    enable_gqa=Hk != H).transpose(1, 2)
                 return self.o_proj(y.reshape(B, T, H * D))
-            kvs = cache_read(kv, cache.block_table, int(cache.seq_lens[0]) + T)
+            kvs = cache_read(kv, cache.block_table, cache.start + T)
             k, v = kvs.view(B, -1, 2 * Hk, D).split([Hk, Hk], dim=2)
         return self.o_proj(causal_attention(q, k, v, scale).reshape(B, T, H * D))
 
@@ -418,8 +419,10 @@ class Transformer(nn.Module):
         tokens are appended to it (decode when T == 1, a prefill chunk otherwise). layers: the blocks to
         run instead of self.layers (serve.py's torch.compile'd copies for decode)."""
         B, T = idx.shape
-        if cache is not None and T > 1 and bool((cache.seq_lens != cache.seq_lens[0]).any()):
-            raise ValueError("a prefill chunk needs rows of one cached length; decode (T == 1) may be ragged")
+        if cache is not None and T > 1 and cache.start is None:   # one device sync here, not one per layer
+            if bool((cache.seq_lens != cache.seq_lens[0]).any()):
+                raise ValueError("a prefill chunk needs rows of one cached length; decode (T == 1) may be ragged")
+            cache.start = int(cache.seq_lens[0])
         if cache is not None:
             cache.slots = cache_slots(cache.block_table, cache.seq_lens, T, cache.kv.shape[2])
         if pos is None:
@@ -433,6 +436,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.norm(x))                                   # (B, T, V)
         if cache is not None:
             cache.seq_lens += T
+            cache.start = None
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)

@@ -415,7 +415,7 @@ class Engine:
         c = rows[0].num_computed
         idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
         cache = M.Cache(self.kv, self._table(rows, self._blocks_for(c + n)),
-                        torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True))
+                        torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True), start=c)
         logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
         for r in rows:
             r.num_computed += n

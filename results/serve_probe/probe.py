@@ -1,0 +1,183 @@
+# Issue 9 probe (GPU only): where serving time goes for the 1b preset (random weights, bf16).
+#  A. the batch-1 decode graph (compiled blocks): its kernels (torch.profiler over replays), and replay time per bucket;
+#  B. serve.Engine stepped in this process, closed loop at 64 (128 requests of 512 + 128 tokens): tok/s and where
+#     each step's time goes, for several --max_num_batched_tokens;
+#  C. the same load over HTTP (serve.py subprocess): bench.py's 64-thread client vs 4 processes of 16 threads.
+# Usage: python results/serve_probe/probe.py OUT_DIR [parts, default ABC]
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+
+import bench  # noqa: E402
+import model as M  # noqa: E402
+import serve  # noqa: E402
+
+OUT, PARTS = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "ABC"
+P, T, C, N = (int(x) for x in os.environ.get("PTCN", "512,128,64,128").split(","))
+BUDGETS = [int(b) for b in os.environ.get("BUDGETS", "2048,8192,16384").split(",")]
+PRESET = os.environ.get("PRESET", "1b")   # PRESET=tiny on CPU: a dry run of parts B and C
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+res = {"provenance": M.provenance(dev.type, torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"),
+       "preset": PRESET, "P": P, "T": T, "C": C, "N": N}
+dump = lambda: json.dump(res, open(os.path.join(OUT, "probe.json"), "w"), indent=1)  # noqa: E731
+g = torch.Generator().manual_seed(0)
+prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(N)]
+flags = ["--dtype=auto", "--page=64", f"--max_num_seqs={C}", f"--max_model_len={P + T}",
+         f"--kv_cache_tokens={C * (P + T + 64)}", "--served_model_name=bench"]
+
+torch.manual_seed(0)
+model = M.Transformer(M.PRESETS[PRESET]).to(dev, dt).eval().requires_grad_(False)
+scfg = serve.parse_args(flags + ["--ckpt=unused"])
+serve.size_cache(scfg, model.config, dev, dt)
+eng = serve.Engine(model, scfg)
+t0 = time.perf_counter()
+eng.capture_graphs()
+res["capture_s"] = round(time.perf_counter() - t0, 1)
+res["compiled"] = eng.layers is not None
+print("captured", res["capture_s"], "s, compiled", res["compiled"], flush=True)
+
+if "A" in PARTS:
+    import triton.testing
+    st = eng.static
+    res["replay_ms"] = {}
+    with torch.inference_mode():
+        for Bb in eng.buckets:
+            st["lens"][:Bb].fill_(P)
+            lens0 = st["lens"][:Bb].clone()
+            res["replay_ms"][Bb] = round(triton.testing.do_bench(
+                lambda: (st["lens"][:Bb].copy_(lens0), eng.graphs[Bb]()), warmup=20, rep=300, return_mode="median"), 4)
+        print("replay ms by bucket", res["replay_ms"], flush=True)
+        from torch.profiler import ProfilerActivity, profile
+        st["lens"][:1].fill_(P)
+        for _ in range(5):
+            st["lens"][:1].fill_(P), eng.graphs[1]()
+        torch.cuda.synchronize()
+        reps = 20
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                st["lens"][:1].fill_(P)
+                eng.graphs[1]()
+            torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    rows = sorted(([n, c / reps, us / reps] for n, (c, us) in kernels.items()), key=lambda r: -r[2])
+    res["kernels_per_replay"] = sum(r[1] for r in rows)
+    res["kernel_us_per_replay"] = sum(r[2] for r in rows)
+    res["kernels"] = [[n[:140], round(c, 2), round(us, 2)] for n, c, us in rows]
+    print(f"kernels per replay {res['kernels_per_replay']:.0f}, kernel time {res['kernel_us_per_replay']:.0f} us",
+          flush=True)
+    for n, c, us in rows[:30]:
+        print(f"  {us:8.1f} us  x{c:5.1f}  {n[:110]}")
+    dump()
+
+if "B" in PARTS:
+    def run_engine(budget):
+        eng.cfg.max_num_batched_tokens = budget
+        times = {"decode": [], "prefill": [], "step": []}
+        dec, pre = eng._decode, eng._prefill
+
+        def timed(f, key):
+            def g(*a):
+                t = time.perf_counter()
+                f(*a)
+                sync()
+                times[key].append((time.perf_counter() - t, len(a[0]), a[1] if key == "prefill" else 1))
+            return g
+        eng._decode, eng._prefill = timed(dec, "decode"), timed(pre, "prefill")
+        sp = serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True)
+        done, sent, reqs = [], 0, []
+        t0 = time.perf_counter()
+        for _ in range(C):
+            reqs.append(eng.submit(prompts[sent % N], sp))
+            sent += 1
+        while len(done) < N:
+            t = time.perf_counter()
+            eng.step()
+            times["step"].append(time.perf_counter() - t)
+            for r in [r for r in reqs if r.finish_reason is not None]:
+                reqs.remove(r)
+                done.append(r)
+                if sent < N:
+                    reqs.append(eng.submit(prompts[sent % N], sp))
+                    sent += 1
+        wall = time.perf_counter() - t0
+        eng._decode, eng._prefill = dec, pre
+        gen = sum(r.num_generated for r in done)
+        d64 = sorted(t for t, b, _ in times["decode"] if b == C)
+        out = {"budget": budget, "wall_s": round(wall, 3), "tok_s": round(gen / wall, 1), "steps": len(times["step"]),
+               "decode_calls": len(times["decode"]), "decode_s": round(sum(t for t, _, _ in times["decode"]), 3),
+               "decode64_ms_p50": round(1e3 * d64[len(d64) // 2], 3) if d64 else None,
+               "prefill_calls": len(times["prefill"]), "prefill_s": round(sum(t for t, _, _ in times["prefill"]), 3),
+               "prefill_tokens_per_call": round(sum(b * n for _, b, n in times["prefill"]) / max(1, len(times["prefill"])), 1),
+               "step_s": round(sum(times["step"]), 3), "ttft_ms_p50": bench.pct([r.first_token - r.arrival for r in done], 50),
+               "ttft_ms_p99": bench.pct([r.first_token - r.arrival for r in done], 99)}
+        out["other_s"] = round(out["step_s"] - out["decode_s"] - out["prefill_s"], 3)
+        print("engine", out, flush=True)
+        return out
+
+    with torch.inference_mode():
+        run_engine(8192)   # warm-up: prefill shapes
+        res["engine"] = [run_engine(b) for b in BUDGETS]
+    dump()
+
+del eng
+if dev.type == "cuda":
+    torch.cuda.empty_cache()
+
+
+def proc_client(args):
+    url, idx, T_ = args
+    body = lambda i: ("/v1/completions", {"prompt": prompts[idx[i % len(idx)]], "max_tokens": T_, "temperature": 0,  # noqa: E731
+                                          "ignore_eos": True, "stream": True, "return_token_ids": True,
+                                          "stream_options": {"include_usage": True}}, None)
+    recs, wall = bench.run_load(url, body, len(idx) // 2, num_requests=len(idx))
+    return recs
+
+
+if "C" in PARTS:
+    import tempfile
+    tmp = tempfile.mkdtemp()
+    ckpt = os.path.join(tmp, "ckpt.pt")
+    M.save_checkpoint(ckpt, model.float().cpu())
+    del model
+    res["http"] = []
+    for budget in [int(b) for b in os.environ.get("HTTP_BUDGETS", "2048,8192").split(",")]:
+        proc, url = bench.spawn_server([f"--ckpt={ckpt}", *flags, f"--max_num_batched_tokens={budget}"],
+                                       os.path.join(OUT, f"server_{budget}.log"), timeout=480)
+        try:
+            def body(i):
+                return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
+                                            "stream": True, "return_token_ids": True,
+                                            "stream_options": {"include_usage": True}}, None)
+            bench.run_load(url, body, C, num_requests=C)   # warm-up
+            for mode in ("threads", "procs"):
+                m0 = bench.scrape(url)
+                t0 = time.perf_counter()
+                if mode == "threads":
+                    recs, wall = bench.run_load(url, body, C, num_requests=N)
+                else:
+                    with mp.get_context("fork").Pool(4) as pool:
+                        parts = pool.map(proc_client, [(url, list(range(k, N, 4)), T) for k in range(4)])
+                    recs, wall = [r for p in parts for r in p], time.perf_counter() - t0
+                m1 = bench.scrape(url)
+                row = {"budget": budget, "client": mode, **bench.summarize(recs, wall),
+                       "server_generation_tokens": m1["vllm:generation_tokens_total"] - m0["vllm:generation_tokens_total"]}
+                print(bench.serve_line({"engine": f"http {mode} {budget}", "concurrency": C, **row}), flush=True)
+                res["http"].append(row)
+                dump()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
+dump()
