@@ -2,7 +2,9 @@
 #  A. the batch-1 decode graph (compiled blocks): its kernels (torch.profiler over replays), and replay time per bucket;
 #  B. serve.Engine stepped in this process, closed loop at 64 (128 requests of 512 + 128 tokens): tok/s and where
 #     each step's time goes, for several --max_num_batched_tokens;
-#  C. the same load over HTTP (serve.py subprocess): bench.py's 64-thread client vs 4 processes of 16 threads.
+#  C. the same load over HTTP (serve.py subprocess): bench.py's 64-thread client vs 4 processes of 16 threads;
+#  D. the same over HTTP with server variants: sys.setswitchinterval (the engine thread waits less for the GIL),
+#     uvloop + httptools (uvicorn picks them up when installed; env SITE2 = where they are).
 # Usage: python results/serve_probe/probe.py OUT_DIR [parts, default ABC]
 import json
 import multiprocessing as mp
@@ -146,12 +148,14 @@ def proc_client(args):
     return recs
 
 
-if "C" in PARTS:
+if "C" in PARTS or "D" in PARTS:
     import tempfile
     tmp = tempfile.mkdtemp()
     ckpt = os.path.join(tmp, "ckpt.pt")
     M.save_checkpoint(ckpt, model.float().cpu())
     del model
+
+if "C" in PARTS:
     res["http"] = []
     for budget in [int(b) for b in os.environ.get("HTTP_BUDGETS", "2048,8192").split(",")]:
         proc, url = bench.spawn_server([f"--ckpt={ckpt}", *flags, f"--max_num_batched_tokens={budget}"],
@@ -181,3 +185,52 @@ if "C" in PARTS:
             proc.terminate()
             proc.wait(timeout=120)
 dump()
+
+if "D" in PARTS:
+    import socket
+    import subprocess
+    import urllib.request
+    res["http_variants"] = []
+
+    def spawn(prefix, flags_, log_path, pythonpath):
+        with socket.socket() as s_:
+            s_.bind(("127.0.0.1", 0))
+            port = s_.getsockname()[1]
+        argv = ["serve.py", f"--port={port}", *flags_]
+        code = (f"import sys, runpy; {prefix}; sys.argv = {argv!r}; "
+                f"runpy.run_path({os.path.join(ROOT, 'serve.py')!r}, run_name='__main__')")
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=open(log_path, "w"),
+                                env=dict(os.environ, PYTHONPATH=pythonpath))
+        url, t0 = f"http://127.0.0.1:{port}", time.time()
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}; see {log_path}")
+            try:
+                urllib.request.urlopen(url + "/health", timeout=2)
+                return proc, url
+            except OSError:
+                if time.time() - t0 > 480:
+                    proc.kill()
+                    raise
+                time.sleep(0.3)
+
+    base, site2 = os.environ.get("PYTHONPATH", ""), os.environ.get("SITE2", "")
+    variants = [("8192", "pass", base), ("8192 switch 0.5ms", "sys.setswitchinterval(0.0005)", base),
+                ("8192 switch 0.5ms uvloop httptools", "sys.setswitchinterval(0.0005)", f"{site2}:{base}")]
+    for name, prefix, pp in variants:
+        proc, url = spawn(prefix, [f"--ckpt={ckpt}", *flags, "--max_num_batched_tokens=8192"],
+                          os.path.join(OUT, "server_" + name.replace(" ", "_").replace(".", "") + ".log"), pp)
+        try:
+            def body(i):
+                return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
+                                            "stream": True, "return_token_ids": True,
+                                            "stream_options": {"include_usage": True}}, None)
+            bench.run_load(url, body, C, num_requests=C)   # warm-up
+            recs, wall = bench.run_load(url, body, C, num_requests=N)
+            row = {"variant": name, **bench.summarize(recs, wall)}
+            print(bench.serve_line({"engine": name, "concurrency": C, **row}), flush=True)
+            res["http_variants"].append(row)
+            dump()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=120)
