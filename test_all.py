@@ -43,9 +43,11 @@ def _model(cfg, dtype, seed=0):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-9), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("attn,q_lora,yarn_on", [("mla", None, False), ("mla", 24, False), ("mla", None, True),
                                                  ("mla", 24, True), ("mha", None, False), ("mha", None, True)])
-def test_model_decode_matches_forward(dtype, tol, q_lora, yarn_on, attn):
+@pytest.mark.parametrize("fused", [False, True])
+def test_model_decode_matches_forward(dtype, tol, q_lora, yarn_on, attn, fused):
     """Token-by-token decode through a paged cache (shuffled block table, page 16, rows of different
-    lengths, unwritten slots poisoned with NaN) reproduces the full forward pass at every position."""
+    lengths, unwritten slots poisoned with NaN) reproduces the full forward pass at every position.
+    fused: the cached passes run after fuse_projections (serve.py's engine), the full pass before it."""
     cfg = _tiny_cfg(q_lora_rank=q_lora, attn=attn, num_key_value_heads=2 if attn == "mha" else None,
                     rope_scaling=M.yarn(8, 16) if yarn_on else None)
     m = _model(cfg, dtype)
@@ -55,6 +57,14 @@ def test_model_decode_matches_forward(dtype, tol, q_lora, yarn_on, attn):
     pos = torch.arange(T)[None].expand(B, T) + 100 * yarn_on   # beyond the original 16 positions under YaRN
     with torch.no_grad():
         full = m(idx, pos=pos)
+        if fused:
+            keys, n_params = list(m.state_dict()), m.num_params()
+            M.fuse_projections(m)
+            mlp = m.layers[0].mlp
+            assert mlp.gate_up.shape == (2 * cfg.intermediate_size, cfg.hidden_size)
+            assert mlp.up_proj.weight.untyped_storage().data_ptr() == mlp.gate_up.untyped_storage().data_ptr()  # views
+            assert (getattr(m.layers[0].self_attn, "qkv_a", None) is not None) == (attn == "mla")
+            assert list(m.state_dict()) == keys and m.num_params() == n_params   # checkpoints and counts unchanged
         pages = T // page + 1
         kv = torch.full((cfg.num_hidden_layers, B * pages + 2, page, M.cache_width(cfg)), float("nan"), dtype=dtype)
         table = torch.randperm(B * pages + 2, generator=g)[: B * pages].view(B, pages).int()
