@@ -642,6 +642,10 @@ def summarize(records, wall):
     ok = [r for r in records if r["done"]]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]
+    # time per output token after the first, per request: under load serve.py sends what waits as one chunk
+    # (an ITL is a gap between chunks, as vLLM's benchmark counts it), so this is the per-token view
+    tpot = [(r["latency"] - r["ttft"]) / (r["completion_tokens"] - 1) for r in ok
+            if r["itl"] and r["completion_tokens"] > 1]
     statuses = {}
     for r in records:
         statuses[status(r)] = statuses.get(status(r), 0) + 1
@@ -650,6 +654,7 @@ def summarize(records, wall):
             "generated_tokens": gen, "prompt_tokens": sum(r["prompt_tokens"] for r in ok),
             "throughput_tok_s": round(gen / wall, 2) if wall else None,
             "ttft_ms": {"p50": pct(ttft, 50), "p99": pct(ttft, 99)}, "itl_ms": {"p50": pct(itl, 50), "p99": pct(itl, 99)},
+            "tpot_ms": {"p50": pct(tpot, 50), "p99": pct(tpot, 99)},
             "errors": sorted({r["error"] for r in records if r["error"]})[:10]}
 
 
