@@ -77,6 +77,7 @@ class ServeFlags:
     clients: int = 200                 # robustness: clients
     duration: int = 60                 # robustness: seconds of load
     examples: int = 100                # robustness: schemathesis examples per operation
+    server_args: str = ""              # more serve.py flags, space-separated (e.g. --engine_process=False)
     out: str = ""                      # JSON path (default results/bench_serve_<card>.json)
 
 
@@ -737,7 +738,7 @@ def bench_serve(argv):
     prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(max(n_req.values()))]
     flags = [f"--ckpt={ckpt}", f"--dtype={cfg.dtype}", f"--page={cfg.page}", f"--max_num_seqs={max(levels)}",
              f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg.page)}",
-             f"--max_num_batched_tokens={max(8192, max(levels))}", "--served_model_name=bench"]
+             f"--max_num_batched_tokens={max(8192, max(levels))}", "--served_model_name=bench", *cfg.server_args.split()]
     rows = []
     # Batch-1 decode reads every weight once per token: its roofline is weight bytes x tokens/s over the
     # measured copy bandwidth (16-bit weights: what serve.py's --dtype=auto picks on CUDA).
