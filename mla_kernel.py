@@ -189,15 +189,15 @@ PROGRAMS_PER_SM = {16: 2, 32: 2, 64: 1}  # split target per head-group size: ~2 
 def launch_config(block_h, split_tokens, interpret=INTERPRET):
     """(BLOCK_N, num_warps, num_stages) for stage 1.
     Groups of <= 32 heads stream memory on mma.sync tiles in 4 warps: 64-row tiles when a program
-    owns >= 1024 tokens, 32-row tiles (shorter pipeline fill) for 257-1023 (B=1 at long contexts);
-    splits of <= 256 tokens (short caches) are latency: 8 warps on 64-row tiles finish them soonest.
+    owns >= 1024 tokens, 32-row tiles (shorter pipeline fill) below (B=1 at long contexts); splits of
+    one 64-token tile (short caches) are pure latency: 8 warps finish them soonest.
     64-head groups are tensor-core bound (wgmma): 8 warps, so the (64, 512) fp32 accumulator costs
     128 registers a thread (4 warps spill), 64-row tiles, 2 stages (~220 KB of shared memory)."""
     if interpret:  # warps and stages mean nothing to the interpreter
         return 32, 4, 1
     if block_h <= 32:
-        if split_tokens <= 256:   # 20-40% faster there than (32, 4, 2): results/serve_probe/attn_h100.json
-            return 64, 8, 2
+        if split_tokens <= 64:   # one tile a split (short caches): 15-30% faster than (32, 4, 2) there, but
+            return 64, 8, 2      # 13% slower at 128 (B=1, 32k): results/serve_probe/attn_h100.json, gpu_log.md
         return (64 if split_tokens >= 1024 else 32), 4, 2
     return 64, 8, 2
 
