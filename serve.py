@@ -558,23 +558,32 @@ class MetricLog:
     def __init__(self, name):
         self.name, self.events = name, []
 
-    def __getattr__(self, metric):
-        log = self
-
-        class Series:
-            def __init__(self, labels=()):
-                self.labels_ = labels
-
-            def labels(self, *labels):
-                return Series(labels)
-
-            def __getattr__(self, method):   # inc, observe, set
-                return lambda value=1: log.events.append((metric, self.labels_, method, value))
-        return Series()
+    def __getattr__(self, metric):   # first use of a metric: its logging series, kept as an attribute
+        series = Series(self.events, metric)
+        setattr(self, metric, series)
+        return series
 
     def take(self):
-        events, self.events = self.events, []
+        events = list(self.events)
+        self.events.clear()
         return events
+
+
+class Series:
+    def __init__(self, events, name, labels=()):
+        self.events, self.name, self.labels_ = events, name, labels
+
+    def labels(self, *labels):
+        return Series(self.events, self.name, labels)
+
+    def inc(self, value=1):
+        self.events.append((self.name, self.labels_, "inc", value))
+
+    def observe(self, value):
+        self.events.append((self.name, self.labels_, "observe", value))
+
+    def set(self, value):
+        self.events.append((self.name, self.labels_, "set", value))
 
 
 def engine_process(cfg, device, dtype, requests, replies):
