@@ -5,8 +5,8 @@ OpenAI-compatible server for InfiniteContext: continuous batching on the paged l
     python serve.py --ckpt=... --export=hf/small                   # write the Hugging Face export, exit
     python serve.py --ckpt=... --backend=vllm --port=8000          # export, then `vllm serve` it
 
-Read top to bottom: config, sampling, the engine (scheduler + block allocator + model runner, one
-background thread), metrics (vLLM's names), the HTTP API (FastAPI), the command line. The load
+Read top to bottom: config, sampling, the engine (scheduler + block allocator + model runner),
+metrics (vLLM's names), the engine's own process and its client, the HTTP API (FastAPI), the command line. The load
 generator that drives it (bench.py serve, the robustness run) lives in bench.py.
 
 The engine, in one paragraph (vLLM's scheduler, gpt-fast's static buffers): one kv pool of
@@ -16,9 +16,10 @@ seq_lens, absorbed MLA: mla_kernel on CUDA) for every running sequence, and spen
 of the token budget on prefill chunks (rows grouped by equal cached length, as model.forward
 needs). A sequence that needs a new block when none is free preempts the newest running one
 (vLLM's recompute: its blocks are freed, it re-queues at the front with prompt + output so far).
-Blocks go back when a sequence finishes or its client goes away. The HTTP handlers never touch
-the model: they submit requests and read outputs from an asyncio.Queue the engine fills through
-loop.call_soon_threadsafe, so a slow client never stalls decoding.
+Blocks go back when a sequence finishes or its client goes away. The engine steps in its own
+process (vLLM's split of API server and engine core: no GIL shared with the event loop); the HTTP
+handlers never touch the model: they submit requests over a queue and read outputs from an
+asyncio.Queue that a reader thread fills (loop.call_soon_threadsafe), so a slow client never stalls decoding.
 """
 import asyncio
 import codecs
@@ -645,7 +646,7 @@ class Handle:
 class EngineClient:
     """Engine's interface for build_app, with the engine in its own process (vLLM's split of API server and
     engine core): the event loop (HTTP, SSE) and the step loop no longer take turns on one GIL. At 64 clients
-    on an H100 the engine alone stepped 9.4k tok/s, and 5.0k as a thread of the server (results/serve_probe)."""
+    on an H100: 8.1k tok/s over HTTP, 6.1k with the engine as a thread of the server (results/serve_probe)."""
 
     def __init__(self, cfg, device, dtype, metrics):
         ctx = mp.get_context("spawn")   # CUDA does not survive a fork
@@ -889,7 +890,7 @@ def build_app(engine, cfg, metrics):
             for r, out in batch:
                 r.sink.put_nowait(out)
 
-        def deliver(batch):   # engine thread -> event loop; unbounded queues: the engine never waits on a client
+        def deliver(batch):   # engine (reader) thread -> event loop; unbounded queues: the engine never waits on a client
             try:
                 loop.call_soon_threadsafe(put_all, batch)
             except RuntimeError:   # loop closed: nobody is listening any more

@@ -2042,14 +2042,16 @@ class _ServeProc:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def serve_proc(tmp_path_factory):
+@pytest.fixture(scope="module", params=["engine_process", "engine_thread"])
+def serve_proc(tmp_path_factory, request):
+    """The server with its engine in a process of its own (the default) and as a thread of the HTTP process."""
     tmp = str(tmp_path_factory.mktemp("serve"))
     ckpt = _serve_ckpt(os.path.join(tmp, "ckpt.pt"))
     # float64 makes batched == sequential exact; 60 blocks of 4 tokens is too few for 16 requests at once
     s = _ServeProc(tmp, f"--ckpt={ckpt}", "--dtype=float64", "--page=4", "--num_blocks=60", "--max_model_len=240",
                    "--max_num_seqs=16", "--max_num_batched_tokens=48", f"--api-key={_SERVE_KEY}",
-                   "--served_model_name=ic-test", model_name="ic-test")
+                   "--served_model_name=ic-test", f"--engine_process={request.param == 'engine_process'}",
+                   model_name="ic-test")
     s.ckpt = ckpt
     yield s
     s.stop()
