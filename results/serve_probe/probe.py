@@ -155,16 +155,17 @@ if "C" in PARTS or "D" in PARTS:
     M.save_checkpoint(ckpt, model.float().cpu())
     del model
 
+def body(i):   # one streamed greedy request of the load
+    return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
+                                "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}, None)
+
+
 if "C" in PARTS:
     res["http"] = []
     for budget in [int(b) for b in os.environ.get("HTTP_BUDGETS", "2048,8192").split(",")]:
         proc, url = bench.spawn_server([f"--ckpt={ckpt}", *flags, f"--max_num_batched_tokens={budget}"],
                                        os.path.join(OUT, f"server_{budget}.log"), timeout=480)
         try:
-            def body(i):
-                return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
-                                            "stream": True, "return_token_ids": True,
-                                            "stream_options": {"include_usage": True}}, None)
             bench.run_load(url, body, C, num_requests=C)   # warm-up
             for mode in ("threads", "procs"):
                 m0 = bench.scrape(url)
@@ -221,10 +222,6 @@ if "D" in PARTS:
         proc, url = spawn(prefix, [f"--ckpt={ckpt}", *flags, "--max_num_batched_tokens=8192"],
                           os.path.join(OUT, "server_" + name.replace(" ", "_").replace(".", "") + ".log"), pp)
         try:
-            def body(i):
-                return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
-                                            "stream": True, "return_token_ids": True,
-                                            "stream_options": {"include_usage": True}}, None)
             bench.run_load(url, body, C, num_requests=C)   # warm-up
             recs, wall = bench.run_load(url, body, C, num_requests=N)
             row = {"variant": name, **bench.summarize(recs, wall)}
