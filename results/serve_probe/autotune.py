@@ -1,6 +1,7 @@
 # Issue 9 probe 4 (GPU only): the 1b batch-1 decode graph with the blocks compiled three ways: serve.py's
 # (dynamic=True, default inductor), static shapes with coordinate-descent tuning, and static max-autotune
 # (inductor benchmarks Triton GEMM templates against cuBLAS per shape). Replay median, logits vs eager.
+# (first run, static shapes: results/serve_probe/autotune_static_h100.json)
 # Usage: python results/serve_probe/autotune.py OUT_DIR
 import json
 import os
@@ -21,11 +22,14 @@ res = {"provenance": M.provenance("cuda", torch.cuda.get_device_name()), "varian
 torch.manual_seed(0)
 model = M.Transformer(M.PRESETS["1b"]).to(dev, dt).eval().requires_grad_(False)
 flags = ["--ckpt=unused", "--dtype=auto", "--page=64", "--max_num_seqs=64", "--max_model_len=640", "--kv_cache_tokens=45056"]
+# dynamic=True throughout: with static shapes the layer index specialises too, one compile per layer (the
+# recompile limit of 8 then leaves the rest eager)
 variants = {"serve.py (dynamic)": lambda b: torch.compile(b, dynamic=True),
-            "static + coordinate descent": lambda b: torch.compile(b, dynamic=False, options={"coordinate_descent_tuning": True}),
-            "static max-autotune": lambda b: torch.compile(b, dynamic=False, mode="max-autotune-no-cudagraphs")}
+            "+ coordinate descent": lambda b: torch.compile(b, dynamic=True, options={"coordinate_descent_tuning": True}),
+            "max-autotune": lambda b: torch.compile(b, dynamic=True, mode="max-autotune-no-cudagraphs")}
 want = None
 for name, comp in variants.items():
+    torch._dynamo.reset()   # each variant starts with no compiled code (one code object: Block.forward)
     scfg = serve.parse_args(flags)
     serve.size_cache(scfg, model.config, dev, dt)
     eng = serve.Engine(model, scfg)
