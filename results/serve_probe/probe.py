@@ -132,6 +132,21 @@ if "B" in PARTS:
     with torch.inference_mode():
         run_engine(8192)   # warm-up: prefill shapes
         res["engine"] = [run_engine(b) for b in BUDGETS]
+        if os.environ.get("PREFILL_COMPILED") and eng.layers is not None:
+            # the same load with prefill through the compiled blocks too (decode replays are unchanged): what a
+            # compiled prefill would buy, and how often dynamo compiles for the shapes the scheduler makes
+            import torch._dynamo.utils as dyn
+            eng.model = lambda idx, cache: model(idx, cache=cache, layers=eng.layers)
+            g0, t0 = dict(dyn.counters["stats"]), time.perf_counter()
+            first = run_engine(8192)
+            first["wall_incl_compiles_s"] = round(time.perf_counter() - t0, 1)
+            g1 = dict(dyn.counters["stats"])
+            again = run_engine(8192)
+            g2 = dict(dyn.counters["stats"])
+            res["engine_prefill_compiled"] = {"first": first, "again": again,
+                                              "graphs_compiled_first": g1.get("unique_graphs", 0) - g0.get("unique_graphs", 0),
+                                              "graphs_compiled_again": g2.get("unique_graphs", 0) - g1.get("unique_graphs", 0)}
+            print("prefill compiled", res["engine_prefill_compiled"], flush=True)
     dump()
 
 del eng
