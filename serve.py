@@ -199,8 +199,9 @@ class Engine:
         self.buckets = sorted({min(2 ** i, cfg.max_num_seqs) for i in range(cfg.max_num_seqs.bit_length() + 1)})
         self.graphs, self.static, self.pool = {}, None, None
         # A replay pays a few microseconds per kernel however small, and an eager block is dozens of them (each
-        # RMSNorm and RoPE is several elementwise ops): compiling fuses those (bench.py serve: 4.2 -> 2.3 ms, 1b). The cache write and the attention kernel stay
-        # eager inside (model.py disables compile there); dynamic=True: one compile serves every bucket above 1.
+        # RMSNorm and RoPE is several elementwise ops): compiling fuses those (bench.py serve: 4.2 -> 2.3 ms, 1b).
+        # The cache write and the attention kernel stay eager inside (model.py disables compile there);
+        # dynamic=True: one compile serves every bucket above 1.
         self.layers = [torch.compile(b, dynamic=True) for b in model.layers] if self.use_graphs and cfg.compile else None
         self.free = list(range(cfg.num_blocks - 1, -1, -1))                      # a stack: pop() -> lowest first
         self.inbox, self.waiting, self.running = deque(), deque(), []
@@ -592,18 +593,18 @@ def engine_process(cfg, device, dtype, requests, replies):
     Each step's outputs, metric calls and state go back in one message."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)    # the API server drains first, then says stop
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if device.type == "cpu":   # decode is many small ops: oversubscribed OpenMP threads cost 10-50x
-        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
-    model = load_model(cfg, device, dtype)
-    per_token = size_cache(cfg, model.config, device, dtype)
-    log, done = MetricLog(cfg.served_model_name), []
-    engine = Engine(model, cfg, log, deliver=done.extend)
-    t0 = time.perf_counter()
-    if engine.use_graphs:
-        engine.capture_graphs()
-    replies.put(("ready", cfg, model.config, model.num_params(), per_token, engine.use_graphs,
-                 engine.layers is not None, time.perf_counter() - t0))
+    done = []
+    engine, info = build_engine(cfg, device, dtype, deliver=done.extend)
+    engine.metrics = log = MetricLog(cfg.served_model_name)   # the name is known once the model is loaded
+    replies.put(("ready", cfg, engine.vocab_size, info))
     parent, live = os.getppid(), {}
+
+    def send():   # this step's outputs, metric calls and state, in one message
+        for r, out in done:
+            if out.finish_reason is not None:
+                live.pop(r.id, None)
+        replies.put(("step", [(r.id, out) for r, out in done], log.take(), engine.kv_usage(), len(engine.running)))
+        done.clear()
     with torch.inference_mode():
         while os.getppid() == parent:   # the API server died without a word: so do we
             idle = not (engine.running or engine.waiting or engine.inbox)
@@ -620,19 +621,14 @@ def engine_process(cfg, device, dtype, requests, replies):
                     engine.abort(live[msg[1]])
                 elif msg[0] == "stop":
                     engine.abort_all()
-                    replies.put(("step", [(r.id, out) for r, out in done], log.take(), engine.kv_usage(), 0))
+                    send()
                     replies.put(("stopped",))
                     return
             if idle:
                 continue
             engine.step_or_fail()
             if done or log.events:
-                for r, out in done:
-                    if out.finish_reason is not None:
-                        live.pop(r.id, None)
-                replies.put(("step", [(r.id, out) for r, out in done], log.take(), engine.kv_usage(),
-                             len(engine.running)))
-                done.clear()
+                send()
 
 
 @dataclass(eq=False)
@@ -648,16 +644,16 @@ class EngineClient:
     engine core): the event loop (HTTP, SSE) and the step loop no longer take turns on one GIL. At 64 clients
     on an H100: 8.1k tok/s over HTTP, 6.1k with the engine as a thread of the server (results/serve_probe)."""
 
-    def __init__(self, cfg, device, dtype, metrics):
+    def __init__(self, cfg, device, dtype):
         ctx = mp.get_context("spawn")   # CUDA does not survive a fork
         self.requests, self.replies = ctx.Queue(), ctx.Queue()
         self.proc = ctx.Process(target=engine_process, args=(cfg, device, dtype, self.requests, self.replies),
                                 name="engine", daemon=True)
-        self.cfg, self.metrics, self.deliver = cfg, metrics, lambda batch: None
+        self.cfg, self.metrics, self.deliver = cfg, None, lambda batch: None
         self.live, self.running, self.usage, self.reader, self._stopping = {}, 0, 0.0, None, False
 
     def wait_ready(self):
-        """Start the process; returns the "ready" message, or exits as the process did (its line on stderr)."""
+        """Start the process; returns build_engine's info, or exits as the process did (its line on stderr)."""
         self.proc.start()
         while True:
             try:
@@ -666,10 +662,9 @@ class EngineClient:
             except queue.Empty:
                 if not self.proc.is_alive():
                     sys.exit(self.proc.exitcode or 1)
-        _, cfg, config, *info = msg
+        _, cfg, self.vocab_size, info = msg
         for k in ("ckpt", "served_model_name", "num_blocks", "max_model_len"):   # resolved there
             setattr(self.cfg, k, getattr(cfg, k))
-        self.vocab_size = config.vocab_size
         return info
 
     def submit(self, prompt, params, sink=None):
@@ -1206,6 +1201,19 @@ def size_cache(cfg, mc, device, dtype):
     return per_token
 
 
+def build_engine(cfg, device, dtype, deliver=None):
+    """Model, cache size, Engine and its decode graphs, in the process that will step it.
+    Returns (engine, (non-embedding params, cache bytes per token, CUDA graphs?, compiled blocks?))."""
+    if device.type == "cpu":   # decode is many small ops: oversubscribed OpenMP threads cost 10-50x
+        torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
+    model = load_model(cfg, device, dtype)
+    per_token = size_cache(cfg, model.config, device, dtype)
+    engine = Engine(model, cfg, deliver=deliver)
+    if engine.use_graphs:
+        engine.capture_graphs()
+    return engine, (model.num_params(), per_token, engine.use_graphs, engine.layers is not None)
+
+
 def main(argv):
     cfg = parse_args(argv)
     if cfg.backend == "vllm":
@@ -1220,24 +1228,17 @@ def main(argv):
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and (cfg.page < 16 or cfg.page & (cfg.page - 1)):
         die(f"--page={cfg.page}: the CUDA decode kernel (mla_kernel) needs a power of two >= 16")
     t0 = time.perf_counter()
-    if cfg.engine_process:
-        engine = EngineClient(cfg, device, dtype, None)
-        n_params, per_token, graphs, compiled, _ = engine.wait_ready()   # the model stays in that process
+    if cfg.engine_process:   # the model stays in that process
+        engine = EngineClient(cfg, device, dtype)
+        n_params, per_token, graphs, compiled = engine.wait_ready()
     else:   # a thread of this process, sharing the GIL with the event loop
-        if device.type == "cpu":   # decode is many small ops: oversubscribed OpenMP threads cost 10-50x
-            torch.set_num_threads(cfg.threads or max(1, len(os.sched_getaffinity(0)) - 1))
-        model = load_model(cfg, device, dtype)
-        per_token, n_params = size_cache(cfg, model.config, device, dtype), model.num_params()
-        engine = Engine(model, cfg)
-        if engine.use_graphs:
-            engine.capture_graphs()
-        graphs, compiled = engine.use_graphs, engine.layers is not None
+        engine, (n_params, per_token, graphs, compiled) = build_engine(cfg, device, dtype)
         # at Python's default 5 ms switch interval a busy event loop holds the engine up to that long
         # per handover (0.5 ms: +25% tok/s at 64 clients on an H100, results/serve_probe/probe_http_h100.json)
         sys.setswitchinterval(0.0005)
     engine.metrics = metrics = Metrics(cfg.served_model_name)
     if graphs:
-        print(f"serve.py: decode graphs for batch {sorted({min(2 ** i, cfg.max_num_seqs) for i in range(cfg.max_num_seqs.bit_length() + 1)})} "
+        print(f"serve.py: decode graphs for every batch bucket up to {cfg.max_num_seqs} "
               f"({'compiled' if compiled else 'eager'} blocks) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     app = build_app(engine, cfg, metrics)
     print(f"serve.py: {cfg.served_model_name} ({n_params / 1e6:.2f}M non-embedding params) on {device} "
