@@ -299,10 +299,12 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
                             UPCAST=upcast, num_warps=warps, num_stages=stages)
     if not direct:
-        block_r = min(R, 64)
+        # a (head, row) program per 64 latent columns spreads B=1 over many SMs; once B x H fills the GPU,
+        # whole rows: at B=64 the 64-column grid was 8192 programs and 17 us a layer (probe_h100_graph64)
+        block_r = min(R, 64) if B * H < _num_sms(q_lat.device) else R
         _mla_merge_kernel[(H, B, R // block_r)](o_part, lse, out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh,
-                                                out.stride(0), out.stride(1), BLOCK_R=block_r, BLOCK_S=32,
-                                                num_warps=4)
+                                                out.stride(0), out.stride(1), BLOCK_R=block_r,
+                                                BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4)
     return out
 
 

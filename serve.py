@@ -166,6 +166,7 @@ class Request:
     finish_reason: str | None = None
     seen: torch.Tensor = None           # penalties only: (V,) bool, (V,) counts
     counts: torch.Tensor = None
+    lag: tuple = None                   # (decode serial, row): its last decoded token is still on the GPU
 
     @property
     def num_generated(self):
@@ -207,6 +208,12 @@ class Engine:
         self.inbox, self.waiting, self.running = deque(), deque(), []
         self.metrics, self.deliver = metrics, deliver or (lambda batch: None)
         self.outbox = []
+        # Decode runs a step ahead of the host (vLLM's async scheduling): step N's sampled tokens stay on the
+        # GPU and feed step N+1's inputs there, and the host reads them (stop checks, text, outputs) while
+        # step N+1 runs. A sequence that step N ended costs one wasted row in step N+1.
+        self.pending, self.serial = None, 0    # (serial, rows, tokens on the GPU, host copy, event) of the last decode
+        self.host_tokens = [torch.empty(cfg.max_num_seqs, dtype=torch.long, pin_memory=self.device.type == "cuda")
+                            for _ in range(2)]  # two pinned buffers: step N+1 copies into one while the host reads N
         self.stop_ids = set(M.STOP_IDS)
         self._wake, self._stopping, self.thread = threading.Event(), False, None
         self.num_preemptions = 0
@@ -261,12 +268,16 @@ class Engine:
             return self.step()
         except Exception:      # a failed forward must not kill the server: fail the batch, go on
             traceback.print_exc()
+            self.pending = None    # its tokens are lost: a preempted row re-prefills from what the client was told
+            for r in list(self.waiting):
+                r.lag = None
             for r in list(self.running):
                 self._finish(r, "error")
             self._flush()
             return False
 
     def abort_all(self):
+        self.pending = None
         for r in list(self.running) + list(self.waiting) + list(self.inbox):
             self._finish(r, "abort")
         self._flush()
@@ -282,15 +293,21 @@ class Engine:
             self._finish(r, "abort")
         self._admit()
         decodes, prefills = self._schedule()
-        if decodes:
-            self._decode(decodes)
+        sync = any(r.params.penalized for r in decodes)   # penalties need every earlier token: no lag
+        if sync:
+            self._take_pending()
+        launched = self._decode(decodes) if decodes else None
+        self._take_pending()       # the previous step's tokens, while this one runs on the GPU
+        self.pending = launched
+        if sync:
+            self._take_pending()
         groups = {}
         for r, n in prefills:   # model.forward prefills rows of one cached length and one chunk length
             groups.setdefault((r.num_computed, n), []).append(r)
         for (_, n), rows in groups.items():
             self._prefill(rows, n)
         self._flush()
-        return bool(decodes or prefills or self.waiting)
+        return bool(decodes or prefills or self.waiting or self.pending)
 
     def _blocks_for(self, n_tokens):
         return -(-n_tokens // self.cfg.page)
@@ -312,7 +329,7 @@ class Engine:
     def _schedule(self):
         budget, decodes, prefills = self.cfg.max_num_batched_tokens, [], []
         for r in list(self.running):                         # oldest first: the newest get preempted
-            if r not in self.running or len(r.ids) - r.num_computed != 1:
+            if r not in self.running or len(r.ids) - r.num_computed != (0 if r.lag else 1):
                 continue
             if r.num_computed + 1 > len(r.blocks) * self.cfg.page and not self._grow(r):
                 continue
@@ -352,28 +369,65 @@ class Engine:
         return torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
 
     def _decode(self, rows):
-        idx = torch.tensor([[r.ids[-1]] for r in rows]).to(self.device, non_blocking=True)             # (B, 1)
-        lens = torch.tensor([r.num_computed for r in rows], dtype=torch.int32).to(self.device, non_blocking=True)
+        """Launch one decode step; returns what _take_pending reads once it is done. A row whose last token
+        is still on the GPU (r.lag) takes it from there. Tables, tokens, lengths and those moves go to the
+        GPU as one int32 copy (each small copy costs ~10 us of host time)."""
+        B, prev = len(rows), self.pending
         if self.use_graphs:
-            logits = self._decode_fixed(idx, lens, rows)
+            Bb = next(b for b in self.buckets if b >= B)
+            if Bb not in self.graphs:
+                self.capture_graphs([Bb])
+            W, fill = self.static["table"].shape[1], self.scratch
         else:
-            table = self._table(rows, self._blocks_for(max(r.num_computed for r in rows) + 1))
-            logits = self.model(idx, cache=M.Cache(self.kv, table, lens))[:, -1]                       # (B, V)
-        for r in rows:
+            W, fill = self._blocks_for(max(r.num_computed for r in rows) + 1), 0
+        moved = [(i, r.lag[1]) for i, r in enumerate(rows) if r.lag]
+        flat = [b for r in rows for b in r.blocks[:W] + [fill] * (W - len(r.blocks[:W]))]
+        flat += [0 if r.lag else r.ids[-1] for r in rows] + [r.num_computed for r in rows]
+        flat += [i for i, _ in moved] + [j for _, j in moved]
+        buf = torch.tensor(flat, dtype=torch.int32).to(self.device, non_blocking=True)
+        table, idx, lens = buf[:B * W].view(B, W), buf[B * W:B * W + B], buf[B * W + B:B * W + 2 * B]   # (B, W), (B,), (B,)
+        idx = idx.long()
+        if moved:
+            dst, src = buf[B * W + 2 * B:].long().split(len(moved))
+            idx[dst] = prev[2][src]
+        if self.use_graphs:
+            logits = self._decode_fixed(idx, lens, table, B, Bb)
+        else:
+            logits = self.model(idx[:, None], cache=M.Cache(self.kv, table, lens))[:, -1]                # (B, V)
+        tokens = self._sample(rows, logits)                                                              # (B,)
+        self.serial += 1
+        for i, r in enumerate(rows):
             r.num_computed += 1
-        self._sample(rows, logits)
+            r.lag = (self.serial, i)
+        host, event = self.host_tokens[self.serial % 2][:B], None
+        host.copy_(tokens, non_blocking=True)
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return self.serial, rows, tokens, host, event
 
-    def _decode_fixed(self, idx, lens, rows):
+    def _take_pending(self):
+        """Read the last decode's tokens (waiting for its copy) and append them to their rows."""
+        if self.pending is None:
+            return
+        serial, rows, _, host, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()
+        toks = host.tolist()
+        for r in rows:
+            if r.lag and r.lag[0] == serial:
+                r.lag = None
+        live = [(r, t) for r, t in zip(rows, toks) if r.finish_reason is None]   # ended meanwhile: a wasted row
+        self._accept([r for r, _ in live], [t for _, t in live])
+
+    def _decode_fixed(self, idx, lens, table, B, Bb):
         """The decode step on static buffers: the batch padded to a bucket of Bb rows, tables to W pages. Padding
         rows have length 0 and every page the scratch block. On CUDA each bucket's captured graph is replayed."""
-        B, Bb = len(rows), next(b for b in self.buckets if b >= len(rows))
-        if Bb not in self.graphs:
-            self.capture_graphs([Bb])
         st = self.static
-        st["table"][:Bb].fill_(self.scratch)
-        st["lens"][:Bb].zero_()
-        st["table"][:B] = self._table(rows, st["table"].shape[1], fill=self.scratch)
-        st["idx"][:B], st["lens"][:B] = idx, lens
+        st["table"][B:Bb].fill_(self.scratch)
+        st["lens"][B:Bb].zero_()
+        st["table"][:B], st["idx"][:B, 0], st["lens"][:B] = table, idx, lens
         return self.graphs[Bb]()[:B]                                                                    # (B, V)
 
     @torch.inference_mode()
@@ -435,9 +489,11 @@ class Engine:
             r.num_computed += n
         done = [i for i, r in enumerate(rows) if r.num_computed == len(r.ids)]
         if done:
-            self._sample([rows[i] for i in done], logits[done])
+            rows = [rows[i] for i in done]
+            self._accept(rows, self._sample(rows, logits[done]).tolist())
 
     def _sample(self, rows, logits):
+        """Each row's next token, on the logits' device: (B,)."""
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))       # (B, V)
         for i, r in enumerate(rows):
             if r.params.penalized:
@@ -447,8 +503,10 @@ class Engine:
                     r.seen[torch.tensor(r.prompt, device=self.device)] = True
                     r.counts = torch.zeros(V, dtype=logits.dtype, device=self.device)
                 logits[i] = apply_penalties(logits[i], r.seen, r.counts, r.params)
-        toks = sample_rows(logits, [r.params for r in rows], [r.generator for r in rows]).tolist()
-        if self.metrics:
+        return sample_rows(logits, [r.params for r in rows], [r.generator for r in rows])
+
+    def _accept(self, rows, toks):
+        if self.metrics and toks:
             self.metrics.generation_tokens.inc(len(toks))
         for r, t in zip(rows, toks):
             self._append(r, t)

@@ -509,7 +509,8 @@ def _rel_err(out, ref):
     (2, 16, 64, 32, 32, [600, 333], torch.float16, None),        # auto splits > 1: merge pass
     (3, 1, 64, 32, 64, [64, 130, 191], torch.bfloat16, 4),       # one head, page 64, forced splits
     (2, 16, 512, 64, 16, [50, 17], torch.float16, None),         # DeepSeek-V3 widths, page 16 < tile
-    (1, 16, 256, 64, 64, [300], torch.bfloat16, 3),              # small preset widths
+    (1, 16, 256, 64, 64, [300], torch.bfloat16, 3),              # small preset widths: merge by whole rows
+    (1, 4, 256, 64, 64, [300], torch.bfloat16, 3),               # B x H < SMs: merge by 64-column slices
 ])
 def test_kernel_matches_float64(B, H, R, P, page, lens, dtype, splits):
     out, ref, _ = _kernel_case(B, H, R, P, page, lens, dtype, seed=B * 1000 + H * 10 + R, num_splits=splits)
@@ -1884,6 +1885,41 @@ def _serve_engine_check(fixed=False):
         assert sum((o.token_ids for o in told), []) == got and told[-1].finish_reason == r.finish_reason
         text = bytes(t for t in _strip_stop(got) if t < 256).decode("utf-8", "replace")
         assert "".join(o.text for o in told) == text
+
+
+@_needs_serve
+def test_serve_penalties_match_closed_form_beside_plain_rows():
+    """Greedy rows with repetition/frequency/presence penalties batched with plain rows. The engine decodes a
+    step ahead of the host except when a row is penalised (its next logits need the last token): each
+    penalised output must equal a float64 reference that re-runs the whole sequence and applies vLLM's
+    formulas by hand; the plain rows must still equal model.generate."""
+    torch.manual_seed(1)
+    model = M.Transformer(_serve_model_cfg()).double().eval()
+    with torch.no_grad():   # a model that mostly repeats its last token: penalties (and stale counts) show
+        model.lm_head.weight.copy_(model.embed_tokens.weight)
+        for n, w in model.named_parameters():
+            if n.endswith(("o_proj.weight", "down_proj.weight")):
+                w.mul_(0.1)
+    eng = serve.Engine(model, serve.ServeConfig(page=16, num_blocks=64, max_model_len=384, max_num_seqs=8))
+    prompts = _serve_prompts(6, seed=3)
+    pens = [dict(repetition_penalty=20.0), dict(frequency_penalty=0.5), dict(presence_penalty=2.0), {}, {}, {}]
+    reqs = [eng.submit(p, serve.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **k))
+            for p, k in zip(prompts, pens)]
+    while eng.step():
+        pass
+    for p, k, r in zip(prompts, pens, reqs):
+        ids = list(p)
+        for _ in range(12):
+            with torch.no_grad():
+                z = model(torch.tensor([ids]))[0, -1].tolist()
+            out = ids[len(p):]
+            for v in range(len(z)):
+                if v in ids and k.get("repetition_penalty"):
+                    z[v] = z[v] / k["repetition_penalty"] if z[v] > 0 else z[v] * k["repetition_penalty"]
+                z[v] -= k.get("frequency_penalty", 0.0) * out.count(v) + k.get("presence_penalty", 0.0) * (v in out)
+            ids.append(max(range(len(z)), key=z.__getitem__))
+        assert r.ids == ids, k
+        assert (len(set(ids[len(p):])) > 4) == bool(k), k   # penalised rows vary, plain rows repeat
 
 
 @_needs_serve

@@ -1,7 +1,7 @@
 # Issue 9 probe 3 (GPU only): mla_decode's split count and tile config for serving shapes (16 heads, R 512, P 64,
 # page 64): B = 1, 8, 64 at a 640-token capacity (bench.py serve), and B = 1 at 4k and 16k. Each config is
 # checked against mla_decode_ref, then timed as 24 calls on 24 caches in one CUDA graph (as in the model).
-# Usage: python results/serve_probe/attn.py OUT_DIR
+# Usage: [SHAPES=BxCAP,...] [SPLITS=1,2,...] python results/serve_probe/attn.py OUT_DIR
 import itertools
 import json
 import os
@@ -36,7 +36,9 @@ def graph_us(fn):
     return 1e3 * triton.testing.do_bench(g.replay, warmup=10, rep=100, return_mode="median") / L
 
 
-for B, cap in ((1, 640), (8, 640), (64, 640), (1, 4096), (1, 16384)):
+SHAPES = [tuple(int(v) for v in x.split("x")) for x in os.environ.get("SHAPES", "1x640,8x640,64x640,1x4096,1x16384").split(",")]
+SPLITS = [int(v) for v in os.environ["SPLITS"].split(",")] if os.environ.get("SPLITS") else None   # else around the default
+for B, cap in SHAPES:
     seq = cap - 40
     nb = B * cap // page + 1
     caches = [torch.randn(nb, page, R + P, device=dev, dtype=dt) for _ in range(L)]
@@ -47,7 +49,7 @@ for B, cap in ((1, 640), (8, 640), (64, 640), (1, 4096), (1, 16384)):
     default = mla_kernel.num_kv_splits(B, 1, cap, sms, 2)
     fine = max(1, min(2 * sms // B, triton.cdiv(cap, 64)))        # MIN_SPLIT_TOKENS = 64
     rows = {}
-    for s, c in itertools.product(sorted({default, fine, 2 * default, max(1, default // 2)}),
+    for s, c in itertools.product(SPLITS or sorted({default, fine, 2 * default, max(1, default // 2)}),
                                   [None] + list(itertools.product((16, 32, 64), (4, 8), (2, 3)))):
         try:
             f = lambda i: mla_kernel.mla_decode(ql, qp, caches[i], table, lens, 0.1, num_splits=s, config=c)  # noqa: E731

@@ -3,6 +3,7 @@
 #  B. serve.Engine stepped in this process, closed loop at 64 (128 requests of 512 + 128 tokens): tok/s and where
 #     each step's time goes, for several --max_num_batched_tokens;
 #  C. the same load over HTTP (serve.py subprocess): bench.py's 64-thread client vs 4 processes of 16 threads;
+#  E. the kernels of the 64-row decode graph and of one eager prefill forward of 8192 tokens;
 #  D. the same over HTTP with server variants: sys.setswitchinterval (the engine thread waits less for the GIL),
 #     uvloop + httptools (uvicorn picks them up when installed; env SITE2 = where they are).
 # Usage: python results/serve_probe/probe.py OUT_DIR [parts, default ABC]
@@ -15,6 +16,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
+import triton.testing  # noqa: E402
 
 import bench  # noqa: E402
 import model as M  # noqa: E402
@@ -35,6 +37,32 @@ prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(N)]
 flags = ["--dtype=auto", "--page=64", f"--max_num_seqs={C}", f"--max_model_len={P + T}",
          f"--kv_cache_tokens={C * (P + T + 64)}", "--served_model_name=bench"]
 
+
+def kernel_table(fn, reps=20, top=30):
+    """CUDA kernels of fn() over `reps` calls (torch.profiler), per call: count and microseconds, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    rows = sorted(([n, c / reps, us / reps] for n, (c, us) in kernels.items()), key=lambda r: -r[2])
+    out = {"kernels_per_replay": sum(r[1] for r in rows), "kernel_us_per_replay": sum(r[2] for r in rows),
+           "kernels": [[n[:140], round(c, 2), round(us, 2)] for n, c, us in rows]}
+    print(f"kernels per call {out['kernels_per_replay']:.0f}, kernel time {out['kernel_us_per_replay']:.0f} us", flush=True)
+    for n, c, us in rows[:top]:
+        print(f"  {us:8.1f} us  x{c:5.1f}  {n[:110]}")
+    return out
+
+
 torch.manual_seed(0)
 model = M.Transformer(M.PRESETS[PRESET]).to(dev, dt).eval().requires_grad_(False)
 scfg = serve.parse_args(flags + ["--ckpt=unused"])
@@ -47,7 +75,6 @@ res["compiled"] = eng.layers is not None
 print("captured", res["capture_s"], "s, compiled", res["compiled"], flush=True)
 
 if "A" in PARTS:
-    import triton.testing
     st = eng.static
     res["replay_ms"] = {}
     with torch.inference_mode():
@@ -57,35 +84,33 @@ if "A" in PARTS:
             res["replay_ms"][Bb] = round(triton.testing.do_bench(
                 lambda: (st["lens"][:Bb].copy_(lens0), eng.graphs[Bb]()), warmup=20, rep=300, return_mode="median"), 4)
         print("replay ms by bucket", res["replay_ms"], flush=True)
-        from torch.profiler import ProfilerActivity, profile
+
+    def prep1():
         st["lens"][:1].fill_(P)
-        for _ in range(5):
-            st["lens"][:1].fill_(P), eng.graphs[1]()
-        torch.cuda.synchronize()
-        reps = 20
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-            for _ in range(reps):
-                st["lens"][:1].fill_(P)
-                eng.graphs[1]()
-            torch.cuda.synchronize()
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name, [0, 0.0])
-            k[0] += 1
-            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    rows = sorted(([n, c / reps, us / reps] for n, (c, us) in kernels.items()), key=lambda r: -r[2])
-    res["kernels_per_replay"] = sum(r[1] for r in rows)
-    res["kernel_us_per_replay"] = sum(r[2] for r in rows)
-    res["kernels"] = [[n[:140], round(c, 2), round(us, 2)] for n, c, us in rows]
-    print(f"kernels per replay {res['kernels_per_replay']:.0f}, kernel time {res['kernel_us_per_replay']:.0f} us",
-          flush=True)
-    for n, c, us in rows[:30]:
-        print(f"  {us:8.1f} us  x{c:5.1f}  {n[:110]}")
+    res.update(kernel_table(lambda: (prep1(), eng.graphs[1]())))
+    dump()
+
+if "E" in PARTS:   # E. kernels of the 64-row decode graph and of one eager prefill forward (16 prompts of P)
+    st = eng.static
+    with torch.inference_mode():
+        def prep64():
+            st["lens"][:C].fill_(P)
+        res["graph64"] = kernel_table(lambda: (prep64(), eng.graphs[C]()))
+        dump()
+        Bp = 8192 // P
+        idx = torch.randint(0, 256, (Bp, P), device=dev)
+        blocks = torch.arange(Bp * (P // 64), dtype=torch.int32, device=dev).view(Bp, P // 64)
+
+        def prefill():
+            eng.model(idx, cache=M.Cache(eng.kv, blocks, torch.zeros(Bp, dtype=torch.int32, device=dev), start=0))
+        res["prefill"] = kernel_table(prefill, reps=5)
+        res["prefill"]["ms"] = round(triton.testing.do_bench(prefill, warmup=3, rep=200, return_mode="median"), 3)
+        print("prefill ms", res["prefill"]["ms"], flush=True)
     dump()
 
 if "B" in PARTS:
-    def run_engine(budget):
+    def run_engine(budget, timers=True):
+        """timers=False: no per-phase timing (its syncs stop decode from running ahead of the host): wall only."""
         eng.cfg.max_num_batched_tokens = budget
         times = {"decode": [], "prefill": [], "step": []}
         dec, pre = eng._decode, eng._prefill
@@ -93,11 +118,13 @@ if "B" in PARTS:
         def timed(f, key):
             def g(*a):
                 t = time.perf_counter()
-                f(*a)
+                out = f(*a)
                 sync()
                 times[key].append((time.perf_counter() - t, len(a[0]), a[1] if key == "prefill" else 1))
+                return out
             return g
-        eng._decode, eng._prefill = timed(dec, "decode"), timed(pre, "prefill")
+        if timers:
+            eng._decode, eng._prefill = timed(dec, "decode"), timed(pre, "prefill")
         sp = serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True)
         done, sent, reqs = [], 0, []
         t0 = time.perf_counter()
@@ -132,6 +159,7 @@ if "B" in PARTS:
     with torch.inference_mode():
         run_engine(8192)   # warm-up: prefill shapes
         res["engine"] = [run_engine(b) for b in BUDGETS]
+        res["engine_untimed"] = [run_engine(b, timers=False) for b in BUDGETS]
         if os.environ.get("PREFILL_COMPILED") and eng.layers is not None:
             # the same load with prefill through the compiled blocks too (decode replays are unchanged): what a
             # compiled prefill would buy, and how often dynamo compiles for the shapes the scheduler makes
