@@ -371,7 +371,7 @@ class Engine:
     def _decode(self, rows):
         """Launch one decode step; returns what _take_pending reads once it is done. A row whose last token
         is still on the GPU (r.lag) takes it from there. Tables, tokens, lengths and those moves go to the
-        GPU as one int32 copy (each small copy costs ~10 us of host time)."""
+        GPU as one int32 copy, not one each."""
         B, prev = len(rows), self.pending
         if self.use_graphs:
             Bb = next(b for b in self.buckets if b >= B)
