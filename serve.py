@@ -364,15 +364,14 @@ class Engine:
             self.metrics.preemptions.inc()
 
     def _table(self, rows, pages, fill=0):
-        """Rows' block tables, `pages` wide, padded with `fill` (unread: reads stop at each row's length)."""
-        table = [r.blocks[:pages] + [fill] * (pages - len(r.blocks[:pages])) for r in rows]
-        return torch.tensor(table, dtype=torch.int32).to(self.device, non_blocking=True)
+        """Rows' block tables (host lists), `pages` wide, padded with `fill` (unread: reads stop at each row's length)."""
+        return [r.blocks[:pages] + [fill] * (pages - len(r.blocks[:pages])) for r in rows]
 
     def _decode(self, rows):
         """Launch one decode step; returns what _take_pending reads once it is done. A row whose last token
         is still on the GPU (r.lag) takes it from there. Tables, tokens, lengths and those moves go to the
         GPU as one int32 copy, not one each."""
-        B, prev = len(rows), self.pending
+        B = len(rows)
         if self.use_graphs:
             Bb = next(b for b in self.buckets if b >= B)
             if Bb not in self.graphs:
@@ -381,7 +380,7 @@ class Engine:
         else:
             W, fill = self._blocks_for(max(r.num_computed for r in rows) + 1), 0
         moved = [(i, r.lag[1]) for i, r in enumerate(rows) if r.lag]
-        flat = [b for r in rows for b in r.blocks[:W] + [fill] * (W - len(r.blocks[:W]))]
+        flat = [b for row in self._table(rows, W, fill) for b in row]
         flat += [0 if r.lag else r.ids[-1] for r in rows] + [r.num_computed for r in rows]
         flat += [i for i, _ in moved] + [j for _, j in moved]
         buf = torch.tensor(flat, dtype=torch.int32).to(self.device, non_blocking=True)
@@ -389,7 +388,8 @@ class Engine:
         idx = idx.long()
         if moved:
             dst, src = buf[B * W + 2 * B:].long().split(len(moved))
-            idx[dst] = prev[2][src]
+            _, _, prev_tokens, _, _ = self.pending   # every lagging row is in the last decode
+            idx[dst] = prev_tokens[src]
         if self.use_graphs:
             logits = self._decode_fixed(idx, lens, table, B, Bb)
         else:
@@ -482,7 +482,8 @@ class Engine:
     def _prefill(self, rows, n):
         c = rows[0].num_computed
         idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
-        cache = M.Cache(self.kv, self._table(rows, self._blocks_for(c + n)),
+        table = torch.tensor(self._table(rows, self._blocks_for(c + n)), dtype=torch.int32)
+        cache = M.Cache(self.kv, table.to(self.device, non_blocking=True),
                         torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True), start=c)
         logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
         for r in rows:
