@@ -326,3 +326,157 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
                   + torch.einsum("hp,tp->ht", q_pe[b].to(dt), k_pe)) * sm_scale  # (H, n)
         out[b] = torch.einsum("ht,tr->hr", torch.softmax(scores, dim=-1), c)
     return out.to(q_lat.dtype)
+
+
+# ----------------------------------------------------------------------------- the rest of a decode layer
+# At batch 1 a decode step reads every weight once (1b: 2.1 GB, 0.70 ms on an H100) but cuBLAS + inductor
+# spent 532 kernels on it (22 a layer): each GEMV ~6 us, and between them RMSNorms, RoPE, the residual adds,
+# SwiGLU and the cache write, each a kernel of its own (results/serve_probe/probe_h100_d889e11.json).
+# fused_linear folds those into the GEMVs (norm in the prologue, SwiGLU / residual in the epilogue) and
+# rope_cache does the rest, so a layer is 9-10 kernels. With PDL (programmatic dependent launch, Hopper) a
+# kernel is scheduled while the one before it drains and waits (gdc_wait) only before reading its input.
+
+PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+       and os.environ.get("MLA_PDL", "1") == "1")
+
+
+@triton.jit
+def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
+                   s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
+                   NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+    """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
+    NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
+    at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
+    SWIGLU: W holds [gate; up] (2N rows): Y = silu(x W_gate) * (x W_up). RESID: Y = Res + x W (in place)."""
+    pid_n = tl.program_id(0)
+    g = tl.program_id(1)
+    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mmask, nmask = offs_m < M, offs_n < N
+    x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
+    w_ptr = W + g * s_wg + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk              # (BN, BK)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()   # the weights never change, but X (and Res) come from the kernel before
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = k0 + offs_k < K
+        x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + k0 * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if NORM:
+            xf = x.to(tl.float32)
+            ss += tl.sum(xf * xf, 1)
+            x = (xf * tl.load(Gamma + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
+        if BLOCK_M == 1:   # a GEMV: products on the CUDA cores (tl.dot needs 16 rows)
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+        else:
+            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+        if SWIGLU:
+            u = tl.load(w_ptr + N * s_wn + k0 * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
+            if UPCAST:
+                u = u.to(tl.float32)
+            if BLOCK_M == 1:
+                acc_u += tl.sum(x.to(tl.float32) * u.to(tl.float32), 1)[None, :]
+            else:
+                acc_u = tl.dot(x.to(u.dtype), tl.trans(u), acc_u)
+    if NORM:
+        acc = acc * tl.rsqrt(ss / K + eps)[:, None]
+        acc_u = acc_u * tl.rsqrt(ss / K + eps)[:, None]
+    if SWIGLU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_u
+    ymask = mmask[:, None] & nmask[None, :]
+    if RESID:
+        acc += tl.load(Res + offs_m[:, None] * s_rm + offs_n[None, :], mask=ymask, other=0.0).to(tl.float32)
+    tl.store(Y + g * s_yg + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=ymask)
+
+
+def linear_config(M, N, K, swiglu=False):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    if INTERPRET:
+        return (1 if M == 1 else 16), 16, 32, 4, 1
+    if M == 1:
+        return 1, 8, 512, 4, 3
+    return min(64, max(16, triton.next_power_of_2(M))), 16, 128, 4, 3
+
+
+def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=None, x_group_stride=None,
+                 config=None):
+    """x (M, K), or G groups of K columns x_group_stride apart -> (M, G*N) in x's dtype (or out's), one kernel.
+    w: (N, K) (or (2N, K) = [gate; up] with swiglu), or G groups (G, N, K) as any strided view (the
+    per-head absorptions of W_UK, W_UV). norm: an RMSNorm weight (K,) applied to x first.
+    residual: add it (may be `out`: the residual stream, updated in place)."""
+    M = x.shape[0]
+    if w.dim() == 2:
+        w = w[None]
+    G, N, K = w.shape
+    if swiglu:
+        N //= 2
+    if out is None:
+        out = torch.empty(M, G * N, device=x.device, dtype=x.dtype)
+    s_xg = K if x_group_stride is None else x_group_stride
+    bm, bn, bk, warps, stages = config or linear_config(M, N, K, swiglu)
+    upcast = x.device.type != "cuda"
+    res = residual if residual is not None else out
+    grid = (triton.cdiv(N, bn), G, triton.cdiv(M, bm))
+    extra = {"launch_pdl": True} if PDL and x.is_cuda else {}
+    _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
+                         x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
+                         NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, USE_PDL=bool(extra),
+                         num_warps=warps, num_stages=stages, **extra)
+    return out
+
+
+@triton.jit
+def _rope_cache_kernel(A, Q, QPE, Cache, Slots, Cos, Sin, Gamma, eps, H,
+                       s_am, s_qm, s_qh, s_pm, s_ph, s_cs,
+                       R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
+    """Row m: c = RMSNorm(A's latent), k_pe = rope(A's rope key) -> the cache row Slots[m]; q_pe = rope(Q's
+    rope part) for every head -> QPE. DeepSeek's interleaved RoPE: pairs (2i, 2i+1) rotate by angle i."""
+    m = tl.program_id(0)
+    i = tl.arange(0, P // 2)
+    offs_r = tl.arange(0, R)
+    cos = tl.load(Cos + m * s_cs + i)
+    sin = tl.load(Sin + m * s_cs + i)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+    a = A + m * s_am
+    c = tl.load(a + offs_r).to(tl.float32)
+    c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + offs_r).to(tl.float32)
+    re = tl.load(a + R + 2 * i).to(tl.float32)
+    im = tl.load(a + R + 2 * i + 1).to(tl.float32)
+    row = Cache + tl.load(Slots + m) * (R + P)
+    ty = Cache.dtype.element_ty
+    tl.store(row + offs_r, c.to(ty))
+    tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
+    tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
+    h = tl.arange(0, BLOCK_H)
+    hm = h[:, None] < H
+    q = Q + m * s_qm + h[:, None] * s_qh + 2 * i[None, :]                                # (BH, P/2)
+    re = tl.load(q, mask=hm, other=0.0).to(tl.float32)
+    im = tl.load(q + 1, mask=hm, other=0.0).to(tl.float32)
+    o = QPE + m * s_pm + h[:, None] * s_ph + 2 * i[None, :]
+    tl.store(o, (re * cos - im * sin).to(QPE.dtype.element_ty), mask=hm)
+    tl.store(o + 1, (re * sin + im * cos).to(QPE.dtype.element_ty), mask=hm)
+
+
+def rope_cache(ckv, q_pe, cache, slots, cos, sin, gamma, eps=1e-6, out=None):
+    """ckv (M, R+P) = [latent | rope key] of kv_a, q_pe (M, H, P) (any strides, last dim contiguous),
+    cache (num_blocks, page, R+P), slots (M,) int64 rows of cache.view(-1, R+P), cos/sin (M, P/2) fp32.
+    Writes [RMSNorm(c) * gamma | rope(k_pe)] at each row's slot; returns rope(q_pe) (M, H, P)."""
+    M, H, P = q_pe.shape
+    R = ckv.shape[1] - P
+    if out is None:
+        out = torch.empty(M, H, P, device=q_pe.device, dtype=q_pe.dtype)
+    extra = {"launch_pdl": True} if PDL and ckv.is_cuda else {}
+    _rope_cache_kernel[(M,)](ckv, q_pe, out, cache, slots, cos, sin, gamma, eps, H,
+                             ckv.stride(0), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1), cos.stride(0),
+                             R=R, P=P, BLOCK_H=triton.next_power_of_2(H), USE_PDL=bool(extra), num_warps=4, **extra)
+    return out

@@ -177,6 +177,42 @@ class QueueFull(Exception):
     pass
 
 
+def fused_decode(model, idx, kv, table, lens):
+    """model.forward's decode step (T=1, absorbed MLA) in ~10 Triton kernels a layer instead of ~22: the
+    RMSNorms ride in the projections' prologues, SwiGLU and the residual adds in their epilogues, and one
+    kernel ropes q_pe and k_pe, normalises the latent and writes the cache row (mla_kernel's fused_linear
+    and rope_cache). idx (B,) tokens, kv (L, blocks, page, R+P), table (B, pages), lens (B,) tokens cached
+    before this one -> logits (B, V) fp32. Needs fuse_projections'd weights."""
+    from mla_kernel import fused_linear, rope_cache
+    cfg, B = model.config, idx.shape[0]
+    H, R, nope, P, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                         cfg.v_head_dim)
+    slots = M.cache_slots(table, lens, 1, kv.shape[2])[:, 0]                  # (B,) the new token's cache rows
+    cos, sin = (t[:, 0] for t in M.rope_cos_sin(model.inv_freq, lens[:, None]))   # (B, P/2) fp32
+    lens1 = lens + 1
+    h = model.embed_tokens(idx)                                                # (B, D): the residual stream
+    for i, block in enumerate(model.layers):
+        att, mlp, ln1, ln2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
+        a = fused_linear(h, att.qkv_a, norm=ln1.weight, eps=ln1.eps)           # (B, [q_a or q | c | k_pe])
+        if cfg.q_lora_rank is None:
+            q = a[:, :H * (nope + P)]
+        else:
+            q = fused_linear(a[:, :cfg.q_lora_rank], att.q_b_proj.weight, norm=att.q_a_layernorm.weight,
+                             eps=att.q_a_layernorm.eps)                        # (B, H * (nope + P))
+        q = q.view(B, H, nope + P)
+        q_pe = rope_cache(a[:, -(R + P):], q[:, :, nope:], kv[i], slots, cos, sin, att.kv_a_layernorm.weight,
+                          att.kv_a_layernorm.eps)                              # (B, H, P); cache row written
+        w = att.kv_b_proj.weight.view(H, nope + dv, R)                         # per head [W_UK; W_UV]
+        q_lat = fused_linear(q, w[:, :nope].transpose(1, 2), x_group_stride=nope + P)   # W_UK^T q^C: (B, H*R)
+        o_lat = M.latent_attention(q_lat.view(B, H, R), q_pe, kv[i], table, lens1, model.softmax_scale)
+        o = fused_linear(o_lat.view(B, H * R), w[:, nope:], x_group_stride=R)  # W_UV o_lat: (B, H*dv)
+        fused_linear(o, att.o_proj.weight, out=h, residual=h)                  # h += W_O o
+        g = fused_linear(h, mlp.gate_up, norm=ln2.weight, eps=ln2.eps, swiglu=True)    # silu(x W_g) * x W_u
+        fused_linear(g, mlp.down_proj.weight, out=h, residual=h)               # h += W_down g
+    out = torch.empty(B, cfg.vocab_size, device=h.device, dtype=torch.float32)
+    return fused_linear(h, model.lm_head.weight, out=out, norm=model.norm.weight, eps=model.norm.eps)
+
+
 class Engine:
     """Scheduler, block allocator and model runner. submit()/abort() are thread-safe; step() runs in
     the engine thread (or directly, in tests). deliver(list of (request, Output)) is called once per step."""
