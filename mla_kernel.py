@@ -94,10 +94,14 @@ def _mla_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
     UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
+    USE_PDL: tl.constexpr = False,   # launched early (PDL): wait for the kernel before first
 ):
     g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together (L2)
     b = tl.program_id(1)
     s = tl.program_id(2)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     heads = g * BLOCK_H + tl.arange(0, BLOCK_H)                                 # (BH,)
     hmask = heads < H
     offs_r = tl.arange(0, R)
@@ -146,8 +150,11 @@ def _mla_split_kernel(
 def _mla_merge_kernel(
     OPart, LsePart, Out, num_splits,
     s_ob, s_oh, s_os, s_lb, s_lh, s_outb, s_outh,
-    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     # grid (heads, batch, R / BLOCK_R): B=1 with hundreds of splits still spreads over many SMs
     h = tl.program_id(0)
     b = tl.program_id(1)
@@ -296,15 +303,17 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
     bn, warps, stages = config or launch_config(BLOCK_H, split_tokens, INTERPRET or upcast)
+    pdl = {"launch_pdl": True, "USE_PDL": True} if PDL and q_lat.is_cuda else {}
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
-                            UPCAST=upcast, num_warps=warps, num_stages=stages)
+                            UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
     if not direct:
         # a (head, row) program per 64 latent columns spreads B=1 over many SMs; once B x H fills the GPU,
         # whole rows: at B=64 the 64-column grid was 8192 programs and 17 us a layer (probe_h100_graph64)
         block_r = min(R, 64) if B * H < _num_sms(q_lat.device) else R
         _mla_merge_kernel[(H, B, R // block_r)](o_part, lse, out, num_splits, s_ob, s_oh, s_os, s_lb, s_lh,
                                                 out.stride(0), out.stride(1), BLOCK_R=block_r,
-                                                BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4)
+                                                BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
+                                                **pdl)
     return out
 
 
@@ -338,6 +347,31 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
 
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
+PREFETCH = os.environ.get("MLA_PREFETCH", "1") == "1"   # under PDL: each program pulls its weights to L2 first
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Start fetching these addresses' 128-byte lines into L2 (no registers, nothing to wait for)."""
+    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2::evict_last [$1];", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _pdl_start(W, w_off, nmask, N, K, s_wn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
+               PREFETCH: tl.constexpr):
+    """Under PDL this program may start while the kernel before it still runs: first pull its weight rows
+    towards L2 (they do not depend on that kernel), then wait for it, then let the next kernel start."""
+    if PREFETCH:
+        offs_l = tl.arange(0, BLOCK_K // 64) * 64                                  # one address a 128-B line
+        for k0 in range(0, K, BLOCK_K):
+            ok = nmask[:, None] & (k0 + offs_l[None, :] < K)
+            ptr = tl.where(ok, W + w_off + k0 + offs_l[None, :], W)
+            _prefetch_l2(ptr)
+            if SWIGLU:
+                _prefetch_l2(ptr + N * s_wn)
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -345,11 +379,12 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
                    s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
     at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
-    SWIGLU: W holds [gate; up] (2N rows): Y = silu(x W_gate) * (x W_up). RESID: Y = Res + x W (in place)."""
+    SWIGLU: W holds [gate; up] (2N rows): Y = silu(x W_gate) * (x W_up). RESID: Y = Res + x W (in place).
+    Under 16 rows the products run on the CUDA cores (a GEMV: tl.dot needs 16); from 16, tl.dot."""
     pid_n = tl.program_id(0)
     g = tl.program_id(1)
     offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -357,9 +392,10 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     offs_k = tl.arange(0, BLOCK_K)
     mmask, nmask = offs_m < M, offs_n < N
     x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
-    w_ptr = W + g * s_wg + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk              # (BN, BK)
+    w_off = g * s_wg + offs_n[:, None] * s_wn                                         # (BN, 1)
+    w_ptr = W + w_off + offs_k[None, :] * s_wk                                        # (BN, BK)
     if USE_PDL:
-        tl.extra.cuda.gdc_wait()   # the weights never change, but X (and Res) come from the kernel before
+        _pdl_start(W, w_off, nmask, N, K, s_wn, BLOCK_K, SWIGLU, PREFETCH)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
@@ -374,16 +410,16 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
             x = (xf * tl.load(Gamma + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
-        if BLOCK_M == 1:   # a GEMV: products on the CUDA cores (tl.dot needs 16 rows)
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), 1)[None, :]
+        if BLOCK_M < 16:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
         else:
             acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
         if SWIGLU:
             u = tl.load(w_ptr + N * s_wn + k0 * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
             if UPCAST:
                 u = u.to(tl.float32)
-            if BLOCK_M == 1:
-                acc_u += tl.sum(x.to(tl.float32) * u.to(tl.float32), 1)[None, :]
+            if BLOCK_M < 16:
+                acc_u += tl.sum(x.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], 2)
             else:
                 acc_u = tl.dot(x.to(u.dtype), tl.trans(u), acc_u)
     if NORM:
@@ -399,11 +435,12 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
 
 def linear_config(M, N, K, swiglu=False):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    bm = triton.next_power_of_2(M) if M < 16 else min(64, triton.next_power_of_2(M))
     if INTERPRET:
-        return (1 if M == 1 else 16), 16, 32, 4, 1
-    if M == 1:
-        return 1, 8, 512, 4, 3
-    return min(64, max(16, triton.next_power_of_2(M))), 16, 128, 4, 3
+        return bm, 16, 32, 4, 1
+    if M < 16:
+        return bm, 4, 1024 // bm, 4, 3
+    return bm, 16, 128, 4, 3
 
 
 def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=None, x_group_stride=None,
@@ -430,7 +467,7 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, USE_PDL=bool(extra),
-                         num_warps=warps, num_stages=stages, **extra)
+                         PREFETCH=PREFETCH and w.stride(2) == 1 and bk >= 64, num_warps=warps, num_stages=stages, **extra)
     return out
 
 
@@ -443,10 +480,11 @@ def _rope_cache_kernel(A, Q, QPE, Cache, Slots, Cos, Sin, Gamma, eps, H,
     m = tl.program_id(0)
     i = tl.arange(0, P // 2)
     offs_r = tl.arange(0, R)
-    cos = tl.load(Cos + m * s_cs + i)
-    sin = tl.load(Sin + m * s_cs + i)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    cos = tl.load(Cos + m * s_cs + i)
+    sin = tl.load(Sin + m * s_cs + i)
     a = A + m * s_am
     c = tl.load(a + offs_r).to(tl.float32)
     c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + offs_r).to(tl.float32)

@@ -68,7 +68,7 @@ def graph_ms(fn, reps=50):
 with torch.inference_mode():
     if "A" in PARTS:
         res["check"] = {}
-        for B in (1, 64):
+        for B in (1, 3, 64):
             kv, table, lens, idx = state(B)
             kv2 = kv.clone()
             ref = model(idx[:, None], cache=M.Cache(kv, table, lens.clone()))[:, -1].float()
@@ -103,41 +103,49 @@ with torch.inference_mode():
             "down+res": (4608, lambda x, l, c: K.fused_linear(x, lay[l].mlp.down_proj.weight, out=RES, residual=RES, config=c),
                          lambda x, l: F.linear(x, lay[l].mlp.down_proj.weight)),
         }
-        configs = {1: [None, (1, 4, 512, 4, 3), (1, 8, 256, 4, 3), (1, 8, 512, 4, 2), (1, 8, 512, 4, 4), (1, 8, 512, 8, 3),
-                       (1, 16, 256, 4, 3), (1, 16, 512, 4, 3), (1, 16, 512, 8, 3), (1, 32, 256, 8, 3), (1, 4, 1024, 4, 3)],
-                   64: [None, (64, 16, 64, 4, 4), (64, 16, 128, 4, 3), (64, 16, 256, 4, 3), (64, 32, 64, 4, 4),
-                        (64, 32, 128, 4, 3), (64, 64, 64, 4, 3), (64, 64, 128, 8, 3), (64, 32, 128, 8, 4)]}
+        configs = {1: [(1, 4, 1024, 4, 3), (1, 2, 2048, 4, 1), (1, 4, 2048, 4, 1), (1, 4, 512, 4, 3), (1, 8, 1024, 8, 3),
+                       (1, 16, 256, 4, 3)],
+                   2: [(2, 4, 512, 4, 3), (2, 4, 1024, 4, 3), (2, 8, 512, 4, 3), (2, 2, 1024, 4, 3)],
+                   4: [(4, 4, 256, 4, 3), (4, 4, 512, 4, 3), (4, 8, 256, 4, 3), (4, 2, 512, 4, 3)]}
         res["ops"] = {}
-        for Mrows in (1, 64):
+        for Mrows in (1, 2, 4):
             RES = torch.randn(Mrows, 2048, device=dev, dtype=dt)
             for name, (width, fused, cublas) in ops.items():
                 x = torch.randn(Mrows, width, device=dev, dtype=dt)
                 row = {"cublas_us": round(graph_ms(lambda: [cublas(x, l) for l in range(L)]) * 1000 / L, 2)}
+                K.PDL, K.PREFETCH = res["pdl_available"], True
                 for c in configs[Mrows]:
                     try:
                         row[str(c)] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
                     except Exception as e:  # a config that does not compile (shared memory, registers)
                         row[str(c)] = f"{type(e).__name__}: {str(e)[:80]}"
                 best = min((v, k) for k, v in row.items() if isinstance(v, float) and k != "cublas_us")
-                print(f"M={Mrows} {name:22s} cublas {row['cublas_us']:6.2f} us  best {best[0]:6.2f} {best[1]}", flush=True)
+                c = eval(best[1])
+                for mode, (pdl, pf) in {"pdl, no prefetch": (True, False), "no pdl": (False, False)}.items():
+                    K.PDL, K.PREFETCH = pdl and res["pdl_available"], pf
+                    row[f"{best[1]} {mode}"] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
+                K.PDL, K.PREFETCH = res["pdl_available"], True
+                print(f"M={Mrows} {name:22s} cublas {row['cublas_us']:6.2f} us  best {best[0]:6.2f} {best[1]}; "
+                      f"pdl only {row[best[1] + ' pdl, no prefetch']}, no pdl {row[best[1] + ' no pdl']}", flush=True)
                 res["ops"][f"{name} M={Mrows}"] = row
                 dump()
 
     if "C" in PARTS:
         res["step_ms"] = {}
-        for B in (1, 8, 64):
+        for B in (1, 2, 4, 8):
             kv, table, lens, idx = state(B)
             r = {}
-            for pdl in (True, False):
-                K.PDL = pdl and res["pdl_available"]
-                r[f"fused pdl={K.PDL}"] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens)), 4)
-            K.PDL = res["pdl_available"]
+            for mode, (pdl, pf) in {"fused": (True, True), "fused pdl, no prefetch": (True, False),
+                                    "fused no pdl": (False, False)}.items():
+                K.PDL, K.PREFETCH = pdl and res["pdl_available"], pf
+                r[mode] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens)), 4)
+            K.PDL, K.PREFETCH = res["pdl_available"], True
             res["step_ms"][B] = r
             print("step", B, r, flush=True)
             dump()
         t0 = time.perf_counter()
         layers = [torch.compile(b, dynamic=True) for b in model.layers]
-        for B in (1, 8, 64):
+        for B in (1, 2, 4, 8):
             kv, table, lens, idx = state(B)
             cache = M.Cache(kv, table, lens)
 
