@@ -347,7 +347,8 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
 
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
-PREFETCH = os.environ.get("MLA_PREFETCH", "1") == "1"   # under PDL: each program pulls its weights to L2 first
+PREFETCH = int(os.environ.get("MLA_PREFETCH", "1"))     # fused_linear(prefetch=w): 1 as it ends, 2 as it starts, 0 never
+PREFETCH_MB = float(os.environ.get("MLA_PREFETCH_MB", "64"))
 
 
 @triton.jit
@@ -358,28 +359,24 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _pdl_start(W, w_off, nmask, N, K, s_wn, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
-               PREFETCH: tl.constexpr):
-    """Under PDL this program may start while the kernel before it still runs: first pull its weight rows
-    towards L2 (they do not depend on that kernel), then wait for it, then let the next kernel start."""
-    if PREFETCH:
-        offs_l = tl.arange(0, BLOCK_K // 64) * 64                                  # one address a 128-B line
-        for k0 in range(0, K, BLOCK_K):
-            ok = nmask[:, None] & (k0 + offs_l[None, :] < K)
-            ptr = tl.where(ok, W + w_off + k0 + offs_l[None, :], W)
-            _prefetch_l2(ptr)
-            if SWIGLU:
-                _prefetch_l2(ptr + N * s_wn)
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
+def _prefetch_next(Next, n_lines, LINE: tl.constexpr):
+    """This program's share of the next kernel's weights (n_lines 128-byte lines from Next) towards L2:
+    issued as the program ends, they keep the memory busy while this kernel drains and the next one starts."""
+    nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
+    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
+    per = tl.cdiv(n_lines, nprog)
+    for l0 in range(pid * per, tl.minimum(pid * per + per, n_lines), 128):
+        offs = l0 + tl.arange(0, 128)
+        ok = (offs < pid * per + per) & (offs < n_lines)
+        _prefetch_l2(tl.where(ok, Next + offs.to(tl.int64) * LINE, Next))
 
 
 @triton.jit
 def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
-                   s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
+                   s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm, Next, next_lines,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
     at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
@@ -394,8 +391,11 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
     w_off = g * s_wg + offs_n[:, None] * s_wn                                         # (BN, 1)
     w_ptr = W + w_off + offs_k[None, :] * s_wk                                        # (BN, BK)
+    if PREFETCH == 2:
+        _prefetch_next(Next, next_lines, LINE)
     if USE_PDL:
-        _pdl_start(W, w_off, nmask, N, K, s_wn, BLOCK_K, SWIGLU, PREFETCH)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
@@ -431,6 +431,8 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     if RESID:
         acc += tl.load(Res + offs_m[:, None] * s_rm + offs_n[None, :], mask=ymask, other=0.0).to(tl.float32)
     tl.store(Y + g * s_yg + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=ymask)
+    if PREFETCH == 1:
+        _prefetch_next(Next, next_lines, LINE)
 
 
 def linear_config(M, N, K, swiglu=False):
@@ -444,11 +446,12 @@ def linear_config(M, N, K, swiglu=False):
 
 
 def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=None, x_group_stride=None,
-                 config=None):
+                 prefetch=None, config=None):
     """x (M, K), or G groups of K columns x_group_stride apart -> (M, G*N) in x's dtype (or out's), one kernel.
     w: (N, K) (or (2N, K) = [gate; up] with swiglu), or G groups (G, N, K) as any strided view (the
     per-head absorptions of W_UK, W_UV). norm: an RMSNorm weight (K,) applied to x first.
-    residual: add it (may be `out`: the residual stream, updated in place)."""
+    residual: add it (may be `out`: the residual stream, updated in place). prefetch: the (contiguous)
+    weight of the kernel after this one, pulled towards L2 as this one ends."""
     M = x.shape[0]
     if w.dim() == 2:
         w = w[None]
@@ -463,11 +466,15 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
     res = residual if residual is not None else out
     grid = (triton.cdiv(N, bn), G, triton.cdiv(M, bm))
     extra = {"launch_pdl": True} if PDL and x.is_cuda else {}
+    pf = PREFETCH if prefetch is not None and x.is_cuda else 0
+    nxt = prefetch if pf else w
+    lines = min(nxt.numel() * nxt.element_size(), int(PREFETCH_MB * 2**20)) // 128 if pf else 0
     _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
+                         nxt, lines, LINE=128 // nxt.element_size(),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, USE_PDL=bool(extra),
-                         PREFETCH=PREFETCH and w.stride(2) == 1 and bk >= 64, num_warps=warps, num_stages=stages, **extra)
+                         PREFETCH=pf, num_warps=warps, num_stages=stages, **extra)
     return out
 
 

@@ -113,7 +113,7 @@ with torch.inference_mode():
             for name, (width, fused, cublas) in ops.items():
                 x = torch.randn(Mrows, width, device=dev, dtype=dt)
                 row = {"cublas_us": round(graph_ms(lambda: [cublas(x, l) for l in range(L)]) * 1000 / L, 2)}
-                K.PDL, K.PREFETCH = res["pdl_available"], True
+                K.PDL, K.PREFETCH = res["pdl_available"], 0
                 for c in configs[Mrows]:
                     try:
                         row[str(c)] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
@@ -121,10 +121,10 @@ with torch.inference_mode():
                         row[str(c)] = f"{type(e).__name__}: {str(e)[:80]}"
                 best = min((v, k) for k, v in row.items() if isinstance(v, float) and k != "cublas_us")
                 c = eval(best[1])
-                for mode, (pdl, pf) in {"pdl, no prefetch": (True, False), "no pdl": (False, False)}.items():
+                for mode, (pdl, pf) in {"pdl, no prefetch": (True, 0), "no pdl": (False, 0)}.items():
                     K.PDL, K.PREFETCH = pdl and res["pdl_available"], pf
                     row[f"{best[1]} {mode}"] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
-                K.PDL, K.PREFETCH = res["pdl_available"], True
+                K.PDL, K.PREFETCH = res["pdl_available"], 1
                 print(f"M={Mrows} {name:22s} cublas {row['cublas_us']:6.2f} us  best {best[0]:6.2f} {best[1]}; "
                       f"pdl only {row[best[1] + ' pdl, no prefetch']}, no pdl {row[best[1] + ' no pdl']}", flush=True)
                 res["ops"][f"{name} M={Mrows}"] = row
@@ -132,20 +132,23 @@ with torch.inference_mode():
 
     if "C" in PARTS:
         res["step_ms"] = {}
-        for B in (1, 2, 4, 8):
+        for B in (1, 2, 4):
             kv, table, lens, idx = state(B)
             r = {}
-            for mode, (pdl, pf) in {"fused": (True, True), "fused pdl, no prefetch": (True, False),
-                                    "fused no pdl": (False, False)}.items():
-                K.PDL, K.PREFETCH = pdl and res["pdl_available"], pf
+            modes = {"no pdl": (False, 0, 64), "pdl": (True, 0, 64), "no pdl, prefetch at end": (False, 1, 64),
+                     "pdl, prefetch at end": (True, 1, 64), "pdl, prefetch at end, 8 MB": (True, 1, 8),
+                     "pdl, prefetch at end, 2 MB": (True, 1, 2), "pdl, prefetch at start": (True, 2, 64),
+                     "pdl, prefetch at start, 8 MB": (True, 2, 8)}
+            for mode, (pdl, pf, mb) in modes.items():
+                K.PDL, K.PREFETCH, K.PREFETCH_MB = pdl and res["pdl_available"], pf, mb
                 r[mode] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens)), 4)
-            K.PDL, K.PREFETCH = res["pdl_available"], True
+            K.PDL, K.PREFETCH, K.PREFETCH_MB = res["pdl_available"], 1, 64
             res["step_ms"][B] = r
             print("step", B, r, flush=True)
             dump()
         t0 = time.perf_counter()
         layers = [torch.compile(b, dynamic=True) for b in model.layers]
-        for B in (1, 2, 4, 8):
+        for B in (1, 2, 4):
             kv, table, lens, idx = state(B)
             cache = M.Cache(kv, table, lens)
 
