@@ -436,10 +436,15 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
 
 
 def linear_config(M, N, K, swiglu=False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). One row (batch-1 decode): programs of 2-4 weight
+    rows and up to 2048 columns a load, so each has 8-16 KB in flight at once; 16 rows for the short
+    W_UK columns (K=128). From an H100 sweep over the 1b layers' weights (results/serve_probe/fused_h100_*.json)."""
     bm = triton.next_power_of_2(M) if M < 16 else min(64, triton.next_power_of_2(M))
     if INTERPRET:
         return bm, 16, 32, 4, 1
+    if M == 1:
+        bk = min(2048, 1 << (K.bit_length() - 1))          # the largest power of two <= K
+        return 1, (16 if K <= 256 else 2 if swiglu else 4), bk, 4, (1 if bk >= 2048 else 3)
     if M < 16:
         return bm, 4, 1024 // bm, 4, 3
     return bm, 16, 128, 4, 3
