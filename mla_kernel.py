@@ -347,36 +347,14 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
 
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
-PREFETCH = int(os.environ.get("MLA_PREFETCH", "1"))     # fused_linear(prefetch=w): 1 as it ends, 2 as it starts, 0 never
-PREFETCH_MB = float(os.environ.get("MLA_PREFETCH_MB", "64"))
-
-
-@triton.jit
-def _prefetch_l2(ptrs):
-    """Start fetching these addresses' 128-byte lines into L2 (no registers, nothing to wait for)."""
-    tl.inline_asm_elementwise("mov.u32 $0, 0; prefetch.global.L2::evict_last [$1];", "=r,l", [ptrs],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_next(Next, n_lines, LINE: tl.constexpr):
-    """This program's share of the next kernel's weights (n_lines 128-byte lines from Next) towards L2:
-    issued as the program ends, they keep the memory busy while this kernel drains and the next one starts."""
-    nprog = tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2)
-    pid = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-    per = tl.cdiv(n_lines, nprog)
-    for l0 in range(pid * per, tl.minimum(pid * per + per, n_lines), 128):
-        offs = l0 + tl.arange(0, 128)
-        ok = (offs < pid * per + per) & (offs < n_lines)
-        _prefetch_l2(tl.where(ok, Next + offs.to(tl.int64) * LINE, Next))
 
 
 @triton.jit
 def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
-                   s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm, Next, next_lines,
+                   s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, LINE: tl.constexpr):
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
     at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
@@ -391,8 +369,6 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
     w_off = g * s_wg + offs_n[:, None] * s_wn                                         # (BN, 1)
     w_ptr = W + w_off + offs_k[None, :] * s_wk                                        # (BN, BK)
-    if PREFETCH == 2:
-        _prefetch_next(Next, next_lines, LINE)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -431,8 +407,6 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     if RESID:
         acc += tl.load(Res + offs_m[:, None] * s_rm + offs_n[None, :], mask=ymask, other=0.0).to(tl.float32)
     tl.store(Y + g * s_yg + offs_m[:, None] * s_ym + offs_n[None, :], acc.to(Y.dtype.element_ty), mask=ymask)
-    if PREFETCH == 1:
-        _prefetch_next(Next, next_lines, LINE)
 
 
 def linear_config(M, N, K, swiglu=False):
@@ -451,12 +425,11 @@ def linear_config(M, N, K, swiglu=False):
 
 
 def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=None, x_group_stride=None,
-                 prefetch=None, config=None):
+                 config=None):
     """x (M, K), or G groups of K columns x_group_stride apart -> (M, G*N) in x's dtype (or out's), one kernel.
     w: (N, K) (or (2N, K) = [gate; up] with swiglu), or G groups (G, N, K) as any strided view (the
     per-head absorptions of W_UK, W_UV). norm: an RMSNorm weight (K,) applied to x first.
-    residual: add it (may be `out`: the residual stream, updated in place). prefetch: the (contiguous)
-    weight of the kernel after this one, pulled towards L2 as this one ends."""
+    residual: add it (may be `out`: the residual stream, updated in place)."""
     M = x.shape[0]
     if w.dim() == 2:
         w = w[None]
@@ -471,62 +444,75 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
     res = residual if residual is not None else out
     grid = (triton.cdiv(N, bn), G, triton.cdiv(M, bm))
     extra = {"launch_pdl": True} if PDL and x.is_cuda else {}
-    pf = PREFETCH if prefetch is not None and x.is_cuda else 0
-    nxt = prefetch if pf else w
-    lines = min(nxt.numel() * nxt.element_size(), int(PREFETCH_MB * 2**20)) // 128 if pf else 0
     _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
-                         nxt, lines, LINE=128 // nxt.element_size(),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, USE_PDL=bool(extra),
-                         PREFETCH=pf, num_warps=warps, num_stages=stages, **extra)
+                         num_warps=warps, num_stages=stages, **extra)
     return out
 
 
 @triton.jit
-def _rope_cache_kernel(A, Q, QPE, Cache, Slots, Cos, Sin, Gamma, eps, H,
-                       s_am, s_qm, s_qh, s_pm, s_ph, s_cs,
-                       R: tl.constexpr, P: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
-    """Row m: c = RMSNorm(A's latent), k_pe = rope(A's rope key) -> the cache row Slots[m]; q_pe = rope(Q's
-    rope part) for every head -> QPE. DeepSeek's interleaved RoPE: pairs (2i, 2i+1) rotate by angle i."""
-    m = tl.program_id(0)
-    i = tl.arange(0, P // 2)
-    offs_r = tl.arange(0, R)
+def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, Slots, Cos, Sin, Gamma, eps,
+                   s_am, s_qm, s_qh, s_wh, s_wd, s_lm, s_lh, s_pm, s_ph, s_cs,
+                   R: tl.constexpr, P: tl.constexpr, NOPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+    """Everything between the projections and the attention, for row m and head h (grid (H, R/BLOCK_R, B)):
+    q_lat[h, r-block] = q_nope[h] . W_UK[h][:, r-block]; the first r-block's program ropes q_pe[h]; head 0's
+    also writes the cache row: [RMSNorm(c) * Gamma | rope(k_pe)] at Slots[m]. DeepSeek's interleaved RoPE:
+    pairs (2i, 2i+1) rotate by angle i (Cos, Sin: (B, P/2) fp32)."""
+    h = tl.program_id(0)
+    rb = tl.program_id(1)
+    m = tl.program_id(2)
+    offs_d = tl.arange(0, NOPE)
+    offs_r = rb * BLOCK_R + tl.arange(0, BLOCK_R)
+    w = tl.load(WUK + h * s_wh + offs_d[:, None] * s_wd + offs_r[None, :])             # (NOPE, BR)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    cos = tl.load(Cos + m * s_cs + i)
-    sin = tl.load(Sin + m * s_cs + i)
-    a = A + m * s_am
-    c = tl.load(a + offs_r).to(tl.float32)
-    c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + offs_r).to(tl.float32)
-    re = tl.load(a + R + 2 * i).to(tl.float32)
-    im = tl.load(a + R + 2 * i + 1).to(tl.float32)
-    row = Cache + tl.load(Slots + m) * (R + P)
-    ty = Cache.dtype.element_ty
-    tl.store(row + offs_r, c.to(ty))
-    tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
-    tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
-    h = tl.arange(0, BLOCK_H)
-    hm = h[:, None] < H
-    q = Q + m * s_qm + h[:, None] * s_qh + 2 * i[None, :]                                # (BH, P/2)
-    re = tl.load(q, mask=hm, other=0.0).to(tl.float32)
-    im = tl.load(q + 1, mask=hm, other=0.0).to(tl.float32)
-    o = QPE + m * s_pm + h[:, None] * s_ph + 2 * i[None, :]
-    tl.store(o, (re * cos - im * sin).to(QPE.dtype.element_ty), mask=hm)
-    tl.store(o + 1, (re * sin + im * cos).to(QPE.dtype.element_ty), mask=hm)
+    q = tl.load(Q + m * s_qm + h * s_qh + offs_d).to(tl.float32)                       # (NOPE,)
+    q_lat = tl.sum(q[:, None] * w.to(tl.float32), 0)                                  # (BR,)
+    tl.store(QLAT + m * s_lm + h * s_lh + offs_r, q_lat.to(QLAT.dtype.element_ty))
+    if rb == 0:
+        i = tl.arange(0, P // 2)
+        cos = tl.load(Cos + m * s_cs + i)
+        sin = tl.load(Sin + m * s_cs + i)
+        qp = Q + m * s_qm + h * s_qh + NOPE + 2 * i
+        re = tl.load(qp).to(tl.float32)
+        im = tl.load(qp + 1).to(tl.float32)
+        o = QPE + m * s_pm + h * s_ph + 2 * i
+        tl.store(o, (re * cos - im * sin).to(QPE.dtype.element_ty))
+        tl.store(o + 1, (re * sin + im * cos).to(QPE.dtype.element_ty))
+        if h == 0:
+            a = A + m * s_am
+            c = tl.load(a + tl.arange(0, R)).to(tl.float32)
+            c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + tl.arange(0, R)).to(tl.float32)
+            re = tl.load(a + R + 2 * i).to(tl.float32)
+            im = tl.load(a + R + 2 * i + 1).to(tl.float32)
+            row = Cache + tl.load(Slots + m) * (R + P)
+            ty = Cache.dtype.element_ty
+            tl.store(row + tl.arange(0, R), c.to(ty))
+            tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
+            tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
 
 
-def rope_cache(ckv, q_pe, cache, slots, cos, sin, gamma, eps=1e-6, out=None):
-    """ckv (M, R+P) = [latent | rope key] of kv_a, q_pe (M, H, P) (any strides, last dim contiguous),
-    cache (num_blocks, page, R+P), slots (M,) int64 rows of cache.view(-1, R+P), cos/sin (M, P/2) fp32.
-    Writes [RMSNorm(c) * gamma | rope(k_pe)] at each row's slot; returns rope(q_pe) (M, H, P)."""
-    M, H, P = q_pe.shape
-    R = ckv.shape[1] - P
-    if out is None:
-        out = torch.empty(M, H, P, device=q_pe.device, dtype=q_pe.dtype)
-    extra = {"launch_pdl": True} if PDL and ckv.is_cuda else {}
-    _rope_cache_kernel[(M,)](ckv, q_pe, out, cache, slots, cos, sin, gamma, eps, H,
-                             ckv.stride(0), q_pe.stride(0), q_pe.stride(1), out.stride(0), out.stride(1), cos.stride(0),
-                             R=R, P=P, BLOCK_H=triton.next_power_of_2(H), USE_PDL=bool(extra), num_warps=4, **extra)
-    return out
+def mla_absorb(ckv, q, w_uk, cache, slots, cos, sin, gamma, eps=1e-6):
+    """The decode step between MLA's projections and mla_decode, in one kernel.
+    ckv (B, R+P): kv_a's [latent | rope key]; q (B, H, NOPE+P): the queries; w_uk (H, NOPE, R): W_UK (a view of
+    kv_b_proj's weight, last dim contiguous); cache (num_blocks, page, R+P); slots (B,) int64 rows of
+    cache.view(-1, R+P) for the new token; cos/sin (B, P/2) fp32 at its position; gamma: kv_a_layernorm's.
+    Writes [RMSNorm(c) * gamma | rope(k_pe)] into the cache; returns q_lat (B, H, R) = W_UK^T q_nope and
+    q_pe (B, H, P) = rope(q's rope part)."""
+    B, H, qk = q.shape
+    NOPE, R = w_uk.shape[1:]
+    P = qk - NOPE
+    q_lat = torch.empty(B, H, R, device=q.device, dtype=q.dtype)
+    q_pe = torch.empty(B, H, P, device=q.device, dtype=q.dtype)
+    block_r = 64 if q.is_cuda else 32
+    extra = {"launch_pdl": True} if PDL and q.is_cuda else {}
+    _absorb_kernel[(H, R // block_r, B)](ckv, q, w_uk, q_lat, q_pe, cache, slots, cos, sin, gamma, eps,
+                                         ckv.stride(0), q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
+                                         q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
+                                         cos.stride(0), R=R, P=P, NOPE=NOPE, BLOCK_R=block_r,
+                                         UPCAST=not q.is_cuda, USE_PDL=bool(extra), num_warps=4, **extra)
+    return q_lat, q_pe

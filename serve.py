@@ -183,7 +183,7 @@ def fused_decode(model, idx, kv, table, lens):
     kernel ropes q_pe and k_pe, normalises the latent and writes the cache row (mla_kernel's fused_linear
     and rope_cache). idx (B,) tokens, kv (L, blocks, page, R+P), table (B, pages), lens (B,) tokens cached
     before this one -> logits (B, V) fp32. Needs fuse_projections'd weights."""
-    from mla_kernel import fused_linear, rope_cache
+    from mla_kernel import fused_linear, mla_absorb
     cfg, B = model.config, idx.shape[0]
     H, R, nope, P, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.v_head_dim)
@@ -191,31 +191,24 @@ def fused_decode(model, idx, kv, table, lens):
     cos, sin = (t[:, 0] for t in M.rope_cos_sin(model.inv_freq, lens[:, None]))   # (B, P/2) fp32
     lens1 = lens + 1
     h = model.embed_tokens(idx)                                                # (B, D): the residual stream
-    layers = list(model.layers)
-    for i, block in enumerate(layers):
+    for i, block in enumerate(model.layers):
         att, mlp, ln1, ln2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
-        # each projection also pulls the next one's weights towards L2 as it ends (mla_kernel.PREFETCH)
-        nxt = layers[i + 1].self_attn.qkv_a if i + 1 < len(layers) else model.lm_head.weight
         kv_b = att.kv_b_proj.weight
-        a = fused_linear(h, att.qkv_a, norm=ln1.weight, eps=ln1.eps,
-                         prefetch=kv_b if cfg.q_lora_rank is None else att.q_b_proj.weight)   # (B, [q_a or q | c | k_pe])
+        a = fused_linear(h, att.qkv_a, norm=ln1.weight, eps=ln1.eps)           # (B, [q_a or q | c | k_pe])
         if cfg.q_lora_rank is None:
             q = a[:, :H * (nope + P)]
         else:
             q = fused_linear(a[:, :cfg.q_lora_rank], att.q_b_proj.weight, norm=att.q_a_layernorm.weight,
-                             eps=att.q_a_layernorm.eps, prefetch=kv_b)         # (B, H * (nope + P))
+                             eps=att.q_a_layernorm.eps)                        # (B, H * (nope + P))
         q = q.view(B, H, nope + P)
-        q_pe = rope_cache(a[:, -(R + P):], q[:, :, nope:], kv[i], slots, cos, sin, att.kv_a_layernorm.weight,
-                          att.kv_a_layernorm.eps)                              # (B, H, P); cache row written
         w = kv_b.view(H, nope + dv, R)                                         # per head [W_UK; W_UV]
-        q_lat = fused_linear(q, w[:, :nope].transpose(1, 2), x_group_stride=nope + P,
-                             prefetch=att.o_proj.weight)                       # W_UK^T q^C: (B, H*R)
-        o_lat = M.latent_attention(q_lat.view(B, H, R), q_pe, kv[i], table, lens1, model.softmax_scale)
-        o = fused_linear(o_lat.view(B, H * R), w[:, nope:], x_group_stride=R, prefetch=mlp.gate_up)  # W_UV o_lat
-        fused_linear(o, att.o_proj.weight, out=h, residual=h, prefetch=mlp.gate_up)   # h += W_O o
-        g = fused_linear(h, mlp.gate_up, norm=ln2.weight, eps=ln2.eps, swiglu=True,
-                         prefetch=mlp.down_proj.weight)                        # silu(x W_g) * x W_u
-        fused_linear(g, mlp.down_proj.weight, out=h, residual=h, prefetch=nxt)  # h += W_down g
+        q_lat, q_pe = mla_absorb(a[:, -(R + P):], q, w[:, :nope], kv[i], slots, cos, sin,
+                                 att.kv_a_layernorm.weight, att.kv_a_layernorm.eps)   # W_UK^T q^C, rope(q^R); cache row
+        o_lat = M.latent_attention(q_lat, q_pe, kv[i], table, lens1, model.softmax_scale)
+        o = fused_linear(o_lat.view(B, H * R), w[:, nope:], x_group_stride=R)  # W_UV o_lat: (B, H * dv)
+        fused_linear(o, att.o_proj.weight, out=h, residual=h)                  # h += W_O o
+        g = fused_linear(h, mlp.gate_up, norm=ln2.weight, eps=ln2.eps, swiglu=True)    # silu(x W_g) * x W_u
+        fused_linear(g, mlp.down_proj.weight, out=h, residual=h)               # h += W_down g
     out = torch.empty(B, cfg.vocab_size, device=h.device, dtype=torch.float32)
     return fused_linear(h, model.lm_head.weight, out=out, norm=model.norm.weight, eps=model.norm.eps)
 

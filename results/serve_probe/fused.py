@@ -103,46 +103,48 @@ with torch.inference_mode():
             "down+res": (4608, lambda x, l, c: K.fused_linear(x, lay[l].mlp.down_proj.weight, out=RES, residual=RES, config=c),
                          lambda x, l: F.linear(x, lay[l].mlp.down_proj.weight)),
         }
-        configs = {1: [(1, 4, 1024, 4, 3), (1, 2, 2048, 4, 1), (1, 4, 2048, 4, 1), (1, 4, 512, 4, 3), (1, 8, 1024, 8, 3),
-                       (1, 16, 256, 4, 3)],
-                   2: [(2, 4, 512, 4, 3), (2, 4, 1024, 4, 3), (2, 8, 512, 4, 3), (2, 2, 1024, 4, 3)],
-                   4: [(4, 4, 256, 4, 3), (4, 4, 512, 4, 3), (4, 8, 256, 4, 3), (4, 2, 512, 4, 3)]}
+        configs = [(1, 4, 2048, 4, 1), (1, 4, 2048, 8, 1), (1, 2, 4096, 8, 1), (1, 4, 4096, 8, 1), (1, 2, 8192, 8, 1),
+                   (1, 1, 8192, 8, 1), (1, 8, 1024, 8, 1), (1, 4, 1024, 4, 1), (1, 2, 2048, 4, 1), (1, 8, 2048, 8, 1),
+                   (1, 4, 512, 4, 1), (1, 8, 512, 4, 1)]
+        del ops["W_UK"]
         res["ops"] = {}
-        for Mrows in (1, 2, 4):
-            RES = torch.randn(Mrows, 2048, device=dev, dtype=dt)
-            for name, (width, fused, cublas) in ops.items():
-                x = torch.randn(Mrows, width, device=dev, dtype=dt)
-                row = {"cublas_us": round(graph_ms(lambda: [cublas(x, l) for l in range(L)]) * 1000 / L, 2)}
-                K.PDL, K.PREFETCH = res["pdl_available"], 0
-                for c in configs[Mrows]:
-                    try:
-                        row[str(c)] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
-                    except Exception as e:  # a config that does not compile (shared memory, registers)
-                        row[str(c)] = f"{type(e).__name__}: {str(e)[:80]}"
-                best = min((v, k) for k, v in row.items() if isinstance(v, float) and k != "cublas_us")
-                c = eval(best[1])
-                for mode, (pdl, pf) in {"pdl, no prefetch": (True, 0), "no pdl": (False, 0)}.items():
-                    K.PDL, K.PREFETCH = pdl and res["pdl_available"], pf
-                    row[f"{best[1]} {mode}"] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
-                K.PDL, K.PREFETCH = res["pdl_available"], 1
-                print(f"M={Mrows} {name:22s} cublas {row['cublas_us']:6.2f} us  best {best[0]:6.2f} {best[1]}; "
-                      f"pdl only {row[best[1] + ' pdl, no prefetch']}, no pdl {row[best[1] + ' no pdl']}", flush=True)
-                res["ops"][f"{name} M={Mrows}"] = row
-                dump()
+        RES = torch.randn(1, 2048, device=dev, dtype=dt)
+        for name, (width, fused, cublas) in ops.items():
+            x = torch.randn(1, width, device=dev, dtype=dt)
+            row = {"cublas_us": round(graph_ms(lambda: [cublas(x, l) for l in range(L)]) * 1000 / L, 2)}
+            for c in [None] + configs:
+                try:
+                    row[str(c)] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
+                except Exception as e:  # a config that does not compile (shared memory, registers)
+                    row[str(c)] = f"{type(e).__name__}: {str(e)[:80]}"
+            best = min((v, k) for k, v in row.items() if isinstance(v, float) and k != "cublas_us")
+            print(f"M=1 {name:22s} cublas {row['cublas_us']:6.2f} us  default {row['None']}  best {best[0]:6.2f} {best[1]}", flush=True)
+            res["ops"][name] = row
+            dump()
+        # the rest of a layer: absorb (rope + cache row + W_UK) and the attention, as fused_decode calls them
+        kv, table, lens, idx = state(1)
+        a = torch.randn(1, 2112, device=dev, dtype=dt)
+        q = torch.randn(1, H, nope + P, device=dev, dtype=dt)
+        slots = M.cache_slots(table, lens, 1, page)[:, 0]
+        cos, sin = (t[:, 0] for t in M.rope_cos_sin(model.inv_freq, lens[:, None]))
+        ql = torch.randn(1, H, R, device=dev, dtype=dt)
+        qp = torch.randn(1, H, P, device=dev, dtype=dt)
+        w = [b.self_attn.kv_b_proj.weight.view(H, nope + dv, R)[:, :nope] for b in lay]
+        g_kv = [b.self_attn.kv_a_layernorm.weight for b in lay]
+        res["ops"]["absorb"] = round(graph_ms(lambda: [K.mla_absorb(a[:, -(R + P):], q, w[l], kv[l], slots, cos, sin, g_kv[l]) for l in range(L)]) * 1000 / L, 2)
+        res["ops"]["attention"] = round(graph_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens + 1, 0.1) for l in range(L)]) * 1000 / L, 2)
+        print("absorb", res["ops"]["absorb"], "attention", res["ops"]["attention"], flush=True)
+        dump()
 
     if "C" in PARTS:
         res["step_ms"] = {}
         for B in (1,):
             kv, table, lens, idx = state(B)
             r = {}
-            modes = {"no pdl": (False, 0, 64), "pdl": (True, 0, 64), "no pdl, prefetch at end": (False, 1, 64),
-                     "pdl, prefetch at end": (True, 1, 64), "pdl, prefetch at end, 8 MB": (True, 1, 8),
-                     "pdl, prefetch at end, 2 MB": (True, 1, 2), "pdl, prefetch at start": (True, 2, 64),
-                     "pdl, prefetch at start, 8 MB": (True, 2, 8)}
-            for mode, (pdl, pf, mb) in modes.items():
-                K.PDL, K.PREFETCH, K.PREFETCH_MB = pdl and res["pdl_available"], pf, mb
+            for mode, pdl in {"fused": True, "fused no pdl": False}.items():
+                K.PDL = pdl and res["pdl_available"]
                 r[mode] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens)), 4)
-            K.PDL, K.PREFETCH, K.PREFETCH_MB = res["pdl_available"], 1, 64
+            K.PDL = res["pdl_available"]
             res["step_ms"][B] = r
             print("step", B, r, flush=True)
             dump()
