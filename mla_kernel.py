@@ -262,7 +262,8 @@ def _check(q_lat, q_pe, cache, block_table, seq_lens):
         raise ValueError("each cache page must be contiguous (page, R+P) rows; blocks may be strided")
 
 
-def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, num_splits=None, config=None):
+def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, num_splits=None, config=None,
+               partials=False):
     """One MLA decode step over a paged latent cache. Returns o_lat (B, H, R) in q_lat's dtype.
 
     q_lat (B,H,R), q_pe (B,H,P): queries, already absorbed / roped. cache (num_blocks, page, R+P):
@@ -272,6 +273,8 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     num_stages): overrides for tuning; by default they come from num_kv_splits and launch_config.
     No host sync and no benchmarking inside: the call can be captured in a CUDA graph (compile it
     once outside the capture: Triton JIT-compiles on the first call of each shape class).
+    partials: with several splits, skip the merge and return (o_part (B,H,S,R) fp32, lse (B,H,S)) for
+    merge_uv, which merges them inside the W_UV product (one kernel fewer).
     """
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     B, H, R = q_lat.shape
@@ -306,6 +309,8 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     pdl = {"launch_pdl": True, "USE_PDL": True} if PDL and q_lat.is_cuda else {}
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
                             UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
+    if partials and not direct:
+        return o_part, lse
     if not direct:
         # a (head, row) program per 64 latent columns spreads B=1 over many SMs; once B x H fills the GPU,
         # whole rows: at B=64 the 64-column grid was 8192 programs and 17 us a layer (probe_h100_graph64)
@@ -416,9 +421,8 @@ def linear_config(M, N, K, swiglu=False):
     bm = triton.next_power_of_2(M) if M < 16 else min(64, triton.next_power_of_2(M))
     if INTERPRET:
         return bm, 16, 32, 4, 1
-    if M == 1:
-        bk = min(2048, 1 << (K.bit_length() - 1))          # the largest power of two <= K
-        return 1, (16 if K <= 256 else 2 if swiglu else 4), bk, 4, (1 if bk >= 2048 else 3)
+    if M == 1:   # up to 2048 columns a load (K=1536: one masked 2048 beats two of 1024), no software pipeline
+        return 1, (8 if K <= 512 else 2), min(2048, triton.next_power_of_2(K)), 4, 1
     if M < 16:
         return bm, 4, 1024 // bm, 4, 3
     return bm, 16, 128, 4, 3
@@ -453,14 +457,14 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
 
 
 @triton.jit
-def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, Slots, Cos, Sin, Gamma, eps,
-                   s_am, s_qm, s_qh, s_wh, s_wd, s_lm, s_lh, s_pm, s_ph, s_cs,
-                   R: tl.constexpr, P: tl.constexpr, NOPE: tl.constexpr, BLOCK_R: tl.constexpr,
-                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, BlockTable, Lens, Cos, Sin, Gamma, eps,
+                   s_am, s_qm, s_qh, s_wh, s_wd, s_lm, s_lh, s_pm, s_ph, s_cb, s_bt, s_cs,
+                   R: tl.constexpr, P: tl.constexpr, NOPE: tl.constexpr, PAGE: tl.constexpr,
+                   BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
     """Everything between the projections and the attention, for row m and head h (grid (H, R/BLOCK_R, B)):
     q_lat[h, r-block] = q_nope[h] . W_UK[h][:, r-block]; the first r-block's program ropes q_pe[h]; head 0's
-    also writes the cache row: [RMSNorm(c) * Gamma | rope(k_pe)] at Slots[m]. DeepSeek's interleaved RoPE:
-    pairs (2i, 2i+1) rotate by angle i (Cos, Sin: (B, P/2) fp32)."""
+    also appends the cache row [RMSNorm(c) * Gamma | rope(k_pe)] at position Lens[m]. DeepSeek's interleaved
+    RoPE: pairs (2i, 2i+1) rotate by angle i; Cos, Sin: (positions, P/2) fp32 tables."""
     h = tl.program_id(0)
     rb = tl.program_id(1)
     m = tl.program_id(2)
@@ -474,9 +478,10 @@ def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, Slots, Cos, Sin, Gamma, eps,
     q_lat = tl.sum(q[:, None] * w.to(tl.float32), 0)                                  # (BR,)
     tl.store(QLAT + m * s_lm + h * s_lh + offs_r, q_lat.to(QLAT.dtype.element_ty))
     if rb == 0:
+        pos = tl.load(Lens + m)
         i = tl.arange(0, P // 2)
-        cos = tl.load(Cos + m * s_cs + i)
-        sin = tl.load(Sin + m * s_cs + i)
+        cos = tl.load(Cos + pos * s_cs + i)
+        sin = tl.load(Sin + pos * s_cs + i)
         qp = Q + m * s_qm + h * s_qh + NOPE + 2 * i
         re = tl.load(qp).to(tl.float32)
         im = tl.load(qp + 1).to(tl.float32)
@@ -489,19 +494,20 @@ def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, Slots, Cos, Sin, Gamma, eps,
             c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + tl.arange(0, R)).to(tl.float32)
             re = tl.load(a + R + 2 * i).to(tl.float32)
             im = tl.load(a + R + 2 * i + 1).to(tl.float32)
-            row = Cache + tl.load(Slots + m) * (R + P)
+            page = tl.load(BlockTable + m * s_bt + pos // PAGE).to(tl.int64)
+            row = Cache + page * s_cb + (pos % PAGE) * (R + P)
             ty = Cache.dtype.element_ty
             tl.store(row + tl.arange(0, R), c.to(ty))
             tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
             tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
 
 
-def mla_absorb(ckv, q, w_uk, cache, slots, cos, sin, gamma, eps=1e-6):
+def mla_absorb(ckv, q, w_uk, cache, block_table, seq_lens, cos, sin, gamma, eps=1e-6):
     """The decode step between MLA's projections and mla_decode, in one kernel.
     ckv (B, R+P): kv_a's [latent | rope key]; q (B, H, NOPE+P): the queries; w_uk (H, NOPE, R): W_UK (a view of
-    kv_b_proj's weight, last dim contiguous); cache (num_blocks, page, R+P); slots (B,) int64 rows of
-    cache.view(-1, R+P) for the new token; cos/sin (B, P/2) fp32 at its position; gamma: kv_a_layernorm's.
-    Writes [RMSNorm(c) * gamma | rope(k_pe)] into the cache; returns q_lat (B, H, R) = W_UK^T q_nope and
+    kv_b_proj's weight, last dim contiguous); cache (num_blocks, page, R+P) with block_table (B, pages) and
+    seq_lens (B,) int32, the tokens cached before this one (its position); cos/sin (positions, P/2) fp32.
+    Appends [RMSNorm(c) * gamma | rope(k_pe)] to the cache; returns q_lat (B, H, R) = W_UK^T q_nope and
     q_pe (B, H, P) = rope(q's rope part)."""
     B, H, qk = q.shape
     NOPE, R = w_uk.shape[1:]
@@ -510,9 +516,52 @@ def mla_absorb(ckv, q, w_uk, cache, slots, cos, sin, gamma, eps=1e-6):
     q_pe = torch.empty(B, H, P, device=q.device, dtype=q.dtype)
     block_r = 64 if q.is_cuda else 32
     extra = {"launch_pdl": True} if PDL and q.is_cuda else {}
-    _absorb_kernel[(H, R // block_r, B)](ckv, q, w_uk, q_lat, q_pe, cache, slots, cos, sin, gamma, eps,
+    _absorb_kernel[(H, R // block_r, B)](ckv, q, w_uk, q_lat, q_pe, cache, block_table, seq_lens, cos, sin, gamma, eps,
                                          ckv.stride(0), q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
                                          q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
-                                         cos.stride(0), R=R, P=P, NOPE=NOPE, BLOCK_R=block_r,
-                                         UPCAST=not q.is_cuda, USE_PDL=bool(extra), num_warps=4, **extra)
+                                         cache.stride(0), block_table.stride(0), cos.stride(0), R=R, P=P, NOPE=NOPE,
+                                         PAGE=cache.shape[1], BLOCK_R=block_r, USE_PDL=bool(extra), num_warps=4,
+                                         **extra)
     return q_lat, q_pe
+
+
+@triton.jit
+def _merge_uv_kernel(OPart, Lse, W, Y, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_wh, s_wv, s_ym,
+                     R: tl.constexpr, DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
+                     USE_PDL: tl.constexpr):
+    """o[b, h, v-block] = W_UV[h][v-block] . merge_s(o_part[b, h, s]): the splits are merged by their
+    log-sum-exp (as _mla_merge_kernel) and rounded to o_lat's dtype, then multiplied straight into W_UV."""
+    vb = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_v = vb * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_r = tl.arange(0, R)
+    offs_s = tl.arange(0, BLOCK_S)
+    w = tl.load(W + h * s_wh + offs_v[:, None] * s_wv + offs_r[None, :])                # (BV, R)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    smask = offs_s < num_splits
+    lse = tl.load(Lse + b * s_lb + h * s_lh + offs_s, mask=smask, other=float("-inf"))    # (BS,)
+    mx = tl.max(lse, 0)
+    wgt = tl.exp2(lse - tl.where(mx == float("-inf"), 0.0, mx))
+    den = tl.sum(wgt, 0)
+    o = tl.load(OPart + b * s_ob + h * s_oh + offs_s[:, None] * s_os + offs_r[None, :], mask=smask[:, None],
+                other=0.0)                                                               # (BS, R)
+    x = tl.sum(wgt[:, None] * o, 0) / tl.where(den > 0, den, 1.0)                        # (R,) o_lat[b, h]
+    x = x.to(Y.dtype.element_ty).to(tl.float32)
+    y = tl.sum(x[None, :] * w.to(tl.float32), 1)                                         # (BV,)
+    tl.store(Y + b * s_ym + h * DV + offs_v, y.to(Y.dtype.element_ty))
+
+
+def merge_uv(o_part, lse, w_uv, dtype):
+    """mla_decode(partials=True)'s (o_part (B,H,S,R), lse (B,H,S)) and W_UV (H, DV, R) -> (B, H*DV) in dtype."""
+    B, H, S, R = o_part.shape
+    DV = w_uv.shape[1]
+    y = torch.empty(B, H * DV, device=o_part.device, dtype=dtype)
+    bv = 16 if o_part.is_cuda else 8
+    extra = {"launch_pdl": True} if PDL and o_part.is_cuda else {}
+    _merge_uv_kernel[(DV // bv, H, B)](o_part, lse, w_uv, y, S, *o_part.stride()[:3], *lse.stride()[:2],
+                                       w_uv.stride(0), w_uv.stride(1), y.stride(0), R=R, DV=DV, BLOCK_V=bv,
+                                       BLOCK_S=triton.next_power_of_2(S), USE_PDL=bool(extra), num_warps=4, **extra)
+    return y

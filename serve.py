@@ -177,35 +177,39 @@ class QueueFull(Exception):
     pass
 
 
-def fused_decode(model, idx, kv, table, lens):
-    """model.forward's decode step (T=1, absorbed MLA) in ~10 Triton kernels a layer instead of ~22: the
-    RMSNorms ride in the projections' prologues, SwiGLU and the residual adds in their epilogues, and one
-    kernel ropes q_pe and k_pe, normalises the latent and writes the cache row (mla_kernel's fused_linear
-    and rope_cache). idx (B,) tokens, kv (L, blocks, page, R+P), table (B, pages), lens (B,) tokens cached
-    before this one -> logits (B, V) fp32. Needs fuse_projections'd weights."""
-    from mla_kernel import fused_linear, mla_absorb
+def fused_decode(model, idx, kv, table, lens, rope):
+    """model.forward's decode step (T=1, absorbed MLA) in 8 Triton kernels a layer instead of ~22 (1b, batch 1:
+    1.50 -> 2.04 ms, results/serve_probe/fused_h100_*.json): the RMSNorms ride in the projections' prologues,
+    SwiGLU and the residual adds in their epilogues, one kernel ropes q_pe and k_pe, appends the latent's
+    cache row and multiplies q_nope by W_UK, and the attention's splits are merged inside the W_UV product
+    (mla_kernel's fused_linear, mla_absorb, mla_decode, merge_uv). idx (B,) tokens, kv (L, blocks, page, R+P),
+    table (B, pages), lens (B,) tokens cached before this one, rope: (cos, sin) tables (positions, P/2) from
+    model.rope_cos_sin -> logits (B, V) fp32. Needs fuse_projections'd weights."""
+    from mla_kernel import fused_linear, merge_uv, mla_absorb, mla_decode
     cfg, B = model.config, idx.shape[0]
     H, R, nope, P, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                          cfg.v_head_dim)
-    slots = M.cache_slots(table, lens, 1, kv.shape[2])[:, 0]                  # (B,) the new token's cache rows
-    cos, sin = (t[:, 0] for t in M.rope_cos_sin(model.inv_freq, lens[:, None]))   # (B, P/2) fp32
     lens1 = lens + 1
     h = model.embed_tokens(idx)                                                # (B, D): the residual stream
     for i, block in enumerate(model.layers):
         att, mlp, ln1, ln2 = block.self_attn, block.mlp, block.input_layernorm, block.post_attention_layernorm
-        kv_b = att.kv_b_proj.weight
         a = fused_linear(h, att.qkv_a, norm=ln1.weight, eps=ln1.eps)           # (B, [q_a or q | c | k_pe])
         if cfg.q_lora_rank is None:
             q = a[:, :H * (nope + P)]
         else:
             q = fused_linear(a[:, :cfg.q_lora_rank], att.q_b_proj.weight, norm=att.q_a_layernorm.weight,
                              eps=att.q_a_layernorm.eps)                        # (B, H * (nope + P))
-        q = q.view(B, H, nope + P)
-        w = kv_b.view(H, nope + dv, R)                                         # per head [W_UK; W_UV]
-        q_lat, q_pe = mla_absorb(a[:, -(R + P):], q, w[:, :nope], kv[i], slots, cos, sin,
+        w = att.kv_b_proj.weight.view(H, nope + dv, R)                         # per head [W_UK; W_UV]
+        q_lat, q_pe = mla_absorb(a[:, -(R + P):], q.view(B, H, nope + P), w[:, :nope], kv[i], table, lens, *rope,
                                  att.kv_a_layernorm.weight, att.kv_a_layernorm.eps)   # W_UK^T q^C, rope(q^R); cache row
-        o_lat = M.latent_attention(q_lat, q_pe, kv[i], table, lens1, model.softmax_scale)
-        o = fused_linear(o_lat.view(B, H * R), w[:, nope:], x_group_stride=R)  # W_UV o_lat: (B, H * dv)
+        if kv.is_cuda:
+            o_lat = mla_decode(q_lat, q_pe, kv[i], table, lens1, model.softmax_scale, partials=True)
+        else:   # the CPU tests: the PyTorch attention
+            o_lat = M.latent_attention(q_lat, q_pe, kv[i], table, lens1, model.softmax_scale)
+        if isinstance(o_lat, tuple):   # several KV splits: merged inside the W_UV product
+            o = merge_uv(*o_lat, w[:, nope:], h.dtype)                         # (B, H * dv)
+        else:
+            o = fused_linear(o_lat.view(B, H * R), w[:, nope:], x_group_stride=R)   # W_UV o_lat: (B, H * dv)
         fused_linear(o, att.o_proj.weight, out=h, residual=h)                  # h += W_O o
         g = fused_linear(h, mlp.gate_up, norm=ln2.weight, eps=ln2.eps, swiglu=True)    # silu(x W_g) * x W_u
         fused_linear(g, mlp.down_proj.weight, out=h, residual=h)               # h += W_down g

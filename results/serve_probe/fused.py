@@ -33,6 +33,9 @@ pages = (CTX + 64) // page + 1
 NB = 64 * pages + 1
 
 
+ROPE = [t[0] for t in M.rope_cos_sin(model.inv_freq, torch.arange(CTX + 64, device=dev)[None])]  # (positions, P/2)
+
+
 def state(B):
     kv = torch.randn(L, NB, page, M.cache_width(cfg), device=dev, dtype=dt)
     table = torch.arange(B * pages, device=dev, dtype=torch.int32).view(B, pages)
@@ -72,7 +75,7 @@ with torch.inference_mode():
             kv, table, lens, idx = state(B)
             kv2 = kv.clone()
             ref = model(idx[:, None], cache=M.Cache(kv, table, lens.clone()))[:, -1].float()
-            out = serve.fused_decode(model, idx, kv2, table, lens)
+            out = serve.fused_decode(model, idx, kv2, table, lens, ROPE)
             torch.cuda.synchronize()
             top2 = ref.topk(2, -1).values
             sure = (top2[:, 0] - top2[:, 1]) > 0.05
@@ -103,10 +106,9 @@ with torch.inference_mode():
             "down+res": (4608, lambda x, l, c: K.fused_linear(x, lay[l].mlp.down_proj.weight, out=RES, residual=RES, config=c),
                          lambda x, l: F.linear(x, lay[l].mlp.down_proj.weight)),
         }
-        configs = [(1, 4, 2048, 4, 1), (1, 4, 2048, 8, 1), (1, 2, 4096, 8, 1), (1, 4, 4096, 8, 1), (1, 2, 8192, 8, 1),
-                   (1, 1, 8192, 8, 1), (1, 8, 1024, 8, 1), (1, 4, 1024, 4, 1), (1, 2, 2048, 4, 1), (1, 8, 2048, 8, 1),
-                   (1, 4, 512, 4, 1), (1, 8, 512, 4, 1)]
-        del ops["W_UK"]
+        configs = [(1, 4, 2048, 4, 1), (1, 2, 2048, 4, 1), (1, 1, 2048, 4, 1), (1, 2, 2048, 2, 1), (1, 2, 2048, 8, 1),
+                   (1, 1, 4096, 4, 1), (1, 2, 1024, 4, 2), (1, 2, 2048, 4, 2), (1, 4, 1024, 4, 2)]
+        del ops["W_UK"], ops["W_UV"]
         res["ops"] = {}
         RES = torch.randn(1, 2048, device=dev, dtype=dt)
         for name, (width, fused, cublas) in ops.items():
@@ -121,19 +123,22 @@ with torch.inference_mode():
             print(f"M=1 {name:22s} cublas {row['cublas_us']:6.2f} us  default {row['None']}  best {best[0]:6.2f} {best[1]}", flush=True)
             res["ops"][name] = row
             dump()
-        # the rest of a layer: absorb (rope + cache row + W_UK) and the attention, as fused_decode calls them
+        # the rest of a layer: absorb (rope + cache row + W_UK), the attention's splits, their merge into W_UV
         kv, table, lens, idx = state(1)
         a = torch.randn(1, 2112, device=dev, dtype=dt)
         q = torch.randn(1, H, nope + P, device=dev, dtype=dt)
-        slots = M.cache_slots(table, lens, 1, page)[:, 0]
-        cos, sin = (t[:, 0] for t in M.rope_cos_sin(model.inv_freq, lens[:, None]))
         ql = torch.randn(1, H, R, device=dev, dtype=dt)
         qp = torch.randn(1, H, P, device=dev, dtype=dt)
-        w = [b.self_attn.kv_b_proj.weight.view(H, nope + dv, R)[:, :nope] for b in lay]
+        lens1 = lens + 1
+        w = [b.self_attn.kv_b_proj.weight.view(H, nope + dv, R) for b in lay]
         g_kv = [b.self_attn.kv_a_layernorm.weight for b in lay]
-        res["ops"]["absorb"] = round(graph_ms(lambda: [K.mla_absorb(a[:, -(R + P):], q, w[l], kv[l], slots, cos, sin, g_kv[l]) for l in range(L)]) * 1000 / L, 2)
-        res["ops"]["attention"] = round(graph_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens + 1, 0.1) for l in range(L)]) * 1000 / L, 2)
-        print("absorb", res["ops"]["absorb"], "attention", res["ops"]["attention"], flush=True)
+        parts = K.mla_decode(ql, qp, kv[0], table, lens1, 0.1, partials=True)
+        res["ops"]["absorb"] = round(graph_ms(lambda: [K.mla_absorb(a[:, -(R + P):], q, w[l][:, :nope], kv[l], table, lens, *ROPE, g_kv[l]) for l in range(L)]) * 1000 / L, 2)
+        res["ops"]["attention splits"] = round(graph_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens1, 0.1, partials=True) for l in range(L)]) * 1000 / L, 2)
+        res["ops"]["attention + merge"] = round(graph_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens1, 0.1) for l in range(L)]) * 1000 / L, 2)
+        res["ops"]["merge_uv"] = round(graph_ms(lambda: [K.merge_uv(*parts, w[l][:, nope:], dt) for l in range(L)]) * 1000 / L, 2)
+        res["ops"]["num_splits"] = parts[0].shape[2]
+        print({k: res["ops"][k] for k in ("absorb", "attention splits", "attention + merge", "merge_uv", "num_splits")}, flush=True)
         dump()
 
     if "C" in PARTS:
@@ -143,7 +148,7 @@ with torch.inference_mode():
             r = {}
             for mode, pdl in {"fused": True, "fused no pdl": False}.items():
                 K.PDL = pdl and res["pdl_available"]
-                r[mode] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens)), 4)
+                r[mode] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens, ROPE)), 4)
             K.PDL = res["pdl_available"]
             res["step_ms"][B] = r
             print("step", B, r, flush=True)
