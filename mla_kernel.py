@@ -355,6 +355,27 @@ PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_cap
 
 
 @triton.jit
+def _load_w(w_ptr, k0, K, nmask, offs_k, s_wk, up, SWIGLU: tl.constexpr):
+    """A (BN, BK) weight tile at column k0 (and its up-projection twin); nothing is read past K."""
+    m = nmask[:, None] & (k0 + offs_k < K)[None, :]
+    w = tl.load(w_ptr + k0 * s_wk, mask=m, other=0.0)
+    u = w
+    if SWIGLU:
+        u = tl.load(w_ptr + up + k0 * s_wk, mask=m, other=0.0)
+    return w, u
+
+
+@triton.jit
+def _mac(acc, x, w, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """acc (BM, BN) += x (BM, BK) . w (BN, BK)^T: on the CUDA cores under 16 rows (tl.dot needs 16)."""
+    if UPCAST:   # the CPU interpreter computes bf16 wrongly
+        w = w.to(tl.float32)
+    if BLOCK_M < 16:
+        return acc + tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
+    return tl.dot(x.to(w.dtype), tl.trans(w), acc)
+
+
+@triton.jit
 def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
                    s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
@@ -374,6 +395,8 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
     w_off = g * s_wg + offs_n[:, None] * s_wn                                         # (BN, 1)
     w_ptr = W + w_off + offs_k[None, :] * s_wk                                        # (BN, BK)
+    up = N * s_wn                                                                     # [gate; up]: up rows
+    w, u = _load_w(w_ptr, 0, K, nmask, offs_k, s_wk, up, SWIGLU)   # weights never change: fetched before the wait
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -381,28 +404,19 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
+        w_next, u_next = _load_w(w_ptr, k0 + BLOCK_K, K, nmask, offs_k, s_wk, up, SWIGLU)   # in flight meanwhile
         kmask = k0 + offs_k < K
         x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
-        w = tl.load(w_ptr + k0 * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
             x = x.to(tl.float32)
-            w = w.to(tl.float32)
         if NORM:
             xf = x.to(tl.float32)
             ss += tl.sum(xf * xf, 1)
-            x = (xf * tl.load(Gamma + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(w.dtype)
-        if BLOCK_M < 16:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], 2)
-        else:
-            acc = tl.dot(x.to(w.dtype), tl.trans(w), acc)
+            x = (xf * tl.load(Gamma + k0 + offs_k, mask=kmask, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+        acc = _mac(acc, x, w, BLOCK_M, UPCAST)
         if SWIGLU:
-            u = tl.load(w_ptr + N * s_wn + k0 * s_wk, mask=nmask[:, None] & kmask[None, :], other=0.0)
-            if UPCAST:
-                u = u.to(tl.float32)
-            if BLOCK_M < 16:
-                acc_u += tl.sum(x.to(tl.float32)[:, None, :] * u.to(tl.float32)[None, :, :], 2)
-            else:
-                acc_u = tl.dot(x.to(u.dtype), tl.trans(u), acc_u)
+            acc_u = _mac(acc_u, x, u, BLOCK_M, UPCAST)
+        w, u = w_next, u_next
     if NORM:
         acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         acc_u = acc_u * tl.rsqrt(ss / K + eps)[:, None]
