@@ -352,6 +352,7 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
 
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
+ONE_TILE = os.environ.get("MLA_ONE_TILE", "1") == "1"
 
 
 @triton.jit
@@ -380,7 +381,7 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
                    s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+                   ONE_TILE: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
     at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
@@ -404,7 +405,9 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w_next, u_next = _load_w(w_ptr, k0 + BLOCK_K, K, nmask, offs_k, s_wk, up, SWIGLU)   # in flight meanwhile
+        w_next, u_next = w, u
+        if not ONE_TILE:
+            w_next, u_next = _load_w(w_ptr, k0 + BLOCK_K, K, nmask, offs_k, s_wk, up, SWIGLU)   # in flight meanwhile
         kmask = k0 + offs_k < K
         x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
@@ -435,8 +438,9 @@ def linear_config(M, N, K, swiglu=False):
     bm = triton.next_power_of_2(M) if M < 16 else min(64, triton.next_power_of_2(M))
     if INTERPRET:
         return bm, 16, 32, 4, 1
-    if M == 1:   # up to 2048 columns a load (K=1536: one masked 2048 beats two of 1024), no software pipeline
-        return 1, (8 if K <= 512 else 2), min(2048, triton.next_power_of_2(K)), 4, 1
+    if M == 1:   # 64 weights a thread a load (2 x 32 with SwiGLU's two tiles), K in at most 2048-wide tiles
+        bk = min(2048, 1 << (K.bit_length() - 1))          # the largest power of two <= K (1536: 1024)
+        return 1, (2 if swiglu else 8 if bk <= 512 else 4), bk, 4, 1
     if M < 16:
         return bm, 4, 1024 // bm, 4, 3
     return bm, 16, 128, 4, 3
@@ -465,7 +469,8 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
     _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, UPCAST=upcast, USE_PDL=bool(extra),
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=ONE_TILE and K <= bk, UPCAST=upcast,
+                         USE_PDL=bool(extra),
                          num_warps=warps, num_stages=stages, **extra)
     return out
 
