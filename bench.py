@@ -796,7 +796,8 @@ def bench_serve(argv):
 
 
 def engine_decode(flags, prompt, T, dev, dtype):
-    """CUDA only. Batch-1 decode without HTTP, with serve.py's torch.compile'd decode blocks and with eager ones: serve.Engine
+    """CUDA only. Batch-1 decode without HTTP, through serve.py's fused decode (its default), its torch.compile'd decode
+    blocks and eager ones: serve.Engine
     stepped in this process for one greedy request (median step time while it decodes), the bucket-1 CUDA graph
     replayed alone (do_bench median), and that graph's logits against the plain eager forward on the same input
     (correctness). What the engine's Python and the server's streaming add on top of the GPU's step."""
@@ -806,8 +807,8 @@ def engine_decode(flags, prompt, T, dev, dtype):
     model = serve.load_model(scfg, dev, dtype)
     serve.size_cache(scfg, model.config, dev, dtype)
     out = {}
-    for compiled in (True, False):
-        scfg.compile = compiled
+    for variant in ("fused", "compiled", "eager"):
+        scfg.fused_decode, scfg.compile = variant == "fused", variant != "eager"
         eng = serve.Engine(model, scfg)
         t0 = time.perf_counter()
         eng.capture_graphs([1])
@@ -820,7 +821,7 @@ def engine_decode(flags, prompt, T, dev, dtype):
         steps = [b - a for a, b in zip(stamps[1:], stamps[2:])]    # decode steps (the first stamp ends the prefill)
         row = {"compiled_blocks": eng.layers is not None, "capture_s": round(capture_s, 1),
                "engine_step_ms": pct(steps, 50), "decode_steps": len(steps)}
-        if eng.use_graphs:   # a replay advances the static lengths (seq_lens += 1): reset them each time
+        if eng.use_graphs:   # a replay of the blocks advances the static lengths (seq_lens += 1): reset them each time
             st, n = eng.static, torch.tensor([len(prompt)], dtype=torch.int32, device=dev)
             with torch.inference_mode():   # the engine's buffers are inference tensors
                 row["graph_replay_ms"] = round(triton.testing.do_bench(
@@ -831,7 +832,7 @@ def engine_decode(flags, prompt, T, dev, dtype):
             row["vs_eager_forward"] = {"max_abs_logit_diff": round((got - want).abs().max().item(), 4),
                                        "logit_scale": round(want.abs().max().item(), 3),
                                        "same_argmax": bool((got.argmax(-1) == want.argmax(-1)).all())}
-        out["compiled" if compiled else "eager"] = row
+        out[variant] = row
         del eng
         torch.cuda.empty_cache()
     return out

@@ -564,6 +564,67 @@ def test_kernel_split_count_heuristic():
     assert [mla_kernel.head_group(h) for h in (1, 3, 16, 17, 64, 100, 128)] == [16, 16, 16, 32, 64, 64, 64]
 
 
+@pytest.mark.parametrize("M", [1, 3, 17])   # the GEMV, the few-row GEMV, tl.dot
+def test_fused_linear_matches_float64(M):
+    g = torch.Generator().manual_seed(M)
+    x, w, gam = torch.randn(M, 96, generator=g), torch.randn(80, 96, generator=g) / 10, torch.rand(96, generator=g) + 0.5
+    xd, wd = x.double(), w.double()
+    xn = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * gam.double()            # RMSNorm in float64
+    gate, up = (xn @ wd.T).chunk(2, -1)
+    silu = gate * torch.sigmoid(gate)
+    res = torch.randn(M, 40, generator=g)
+    h = res.clone()
+    cases = [(mla_kernel.fused_linear(x, w), xd @ wd.T),
+             (mla_kernel.fused_linear(x, w, norm=gam), xn @ wd.T),
+             (mla_kernel.fused_linear(x, w, norm=gam, swiglu=True), silu * up),
+             (mla_kernel.fused_linear(x, w[:40], out=h, residual=h), res.double() + xd @ wd[:40].T)]   # in place
+    G, K, N, stride = 4, 24, 20, 30      # per-group weights (G, K, N) as a strided (G, N, K) view, x groups 30 apart
+    xg, wg = torch.randn(M, G * stride, generator=g), torch.randn(G, K, N, generator=g)
+    cases.append((mla_kernel.fused_linear(xg, wg.transpose(1, 2), x_group_stride=stride),
+                  torch.einsum("mgk,gkn->mgn", xg.view(M, G, stride)[..., :K].double(), wg.double()).reshape(M, -1)))
+    for got, want in cases:
+        assert got.shape == want.shape and _rel_err(got, want) < 1e-5
+    assert h.data_ptr() == cases[3][0].data_ptr()
+
+
+def test_merge_uv_matches_float64():
+    # the attention's splits merged inside the W_UV product == W_UV . (float64 attention)
+    for splits in (2, 3):
+        _, ref, args = _kernel_case(2, 4, 64, 32, 16, [150, 37], torch.bfloat16, seed=splits)
+        parts = mla_kernel.mla_decode(*args, num_splits=splits, partials=True)
+        assert isinstance(parts, tuple) and parts[0].shape[2] == splits
+        w = torch.randn(4, 32, 64).bfloat16()                                # W_UV (H, DV, R)
+        got = mla_kernel.merge_uv(*parts, w, torch.bfloat16)                  # (B, H * DV)
+        want = torch.einsum("bhr,hvr->bhv", ref, w.double()).reshape(2, -1)
+        assert _rel_err(got, want) < 1e-2                                   # bf16 o_lat and output roundings
+    assert not isinstance(mla_kernel.mla_decode(*args, num_splits=1, partials=True), tuple)   # one split: o_lat
+
+
+@pytest.mark.parametrize("q_lora_rank", [None, 48])
+def test_fused_decode_matches_model_forward(q_lora_rank):
+    # serve.fused_decode (fused_linear + mla_absorb, ~8 kernels a layer) == model.forward's absorbed decode in float64:
+    # logits and the cache row it appends, rows of different lengths
+    import serve
+    torch.manual_seed(0)
+    cfg = M.ModelConfig(num_hidden_layers=2, q_lora_rank=q_lora_rank)
+    model = M.fuse_projections(M.Transformer(cfg).eval())
+    with torch.no_grad():
+        for p in model.parameters():
+            p += torch.randn_like(p) * 0.02
+        cache = M.new_cache(cfg, 3, 128, page=16)
+        model(torch.randint(0, cfg.vocab_size, (3, 40)), cache=cache)
+        cache.seq_lens.copy_(torch.tensor([40, 17, 33], dtype=torch.int32))
+        idx, lens, kv = torch.randint(0, cfg.vocab_size, (3,)), cache.seq_lens.clone(), cache.kv.clone()
+        rope = [t[0] for t in M.rope_cos_sin(model.inv_freq, torch.arange(128)[None])]
+        got = serve.fused_decode(model, idx, kv, cache.block_table, lens, rope)
+        model.double()
+        ref_cache = M.Cache(cache.kv.double(), cache.block_table, lens.clone())
+        want = model(idx[:, None], cache=ref_cache)[:, -1]
+    assert serve.fused_fits(cfg) and not serve.fused_fits(_dataclasses.replace(cfg, kv_lora_rank=96))
+    assert _rel_err(got, want) < 1e-5
+    assert (kv.double() - ref_cache.kv).abs().max().item() < 1e-5
+
+
 
 # ============================================================================ needle (issue 5)
 import dataclasses as _dataclasses  # noqa: E402
