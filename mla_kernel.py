@@ -346,13 +346,14 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
 # At batch 1 a decode step reads every weight once (1b: 2.1 GB, 0.70 ms on an H100) but cuBLAS + inductor
 # spent 532 kernels on it (22 a layer): each GEMV ~6 us, and between them RMSNorms, RoPE, the residual adds,
 # SwiGLU and the cache write, each a kernel of its own (results/serve_probe/probe_h100_d889e11.json).
-# fused_linear folds those into the GEMVs (norm in the prologue, SwiGLU / residual in the epilogue) and
-# rope_cache does the rest, so a layer is 9-10 kernels. With PDL (programmatic dependent launch, Hopper) a
-# kernel is scheduled while the one before it drains and waits (gdc_wait) only before reading its input.
+# fused_linear folds those into the GEMVs (norm in the prologue, SwiGLU / residual in the epilogue),
+# mla_absorb does everything between the projections and the attention, and merge_uv merges the attention's
+# splits inside the W_UV product: 8 kernels a layer (serve.fused_decode; 1b replay 2.04 -> 1.31 ms). With PDL
+# (programmatic dependent launch, Hopper) a kernel is scheduled while the one before it drains: it loads its
+# weights, then waits (gdc_wait) for the kernel before, and only then reads that kernel's output (0.23 ms a token).
 
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
-ONE_TILE = os.environ.get("MLA_ONE_TILE", "1") == "1"
 
 
 @triton.jit
@@ -381,7 +382,8 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
                    s_xm, s_xg, s_wg, s_wn, s_wk, s_ym, s_yg, s_rm,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   ONE_TILE: tl.constexpr, UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+                   ONE_TILE: tl.constexpr,   # K fits one tile: no next-tile load (its registers cost ~0.5 us)
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
     at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
@@ -432,9 +434,11 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
 
 
 def linear_config(M, N, K, swiglu=False):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). One row (batch-1 decode): programs of 2-4 weight
-    rows and up to 2048 columns a load, so each has 8-16 KB in flight at once; 16 rows for the short
-    W_UK columns (K=128). From an H100 sweep over the 1b layers' weights (results/serve_probe/fused_h100_*.json)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). One row (batch-1 decode): 4 weight rows x up to 2048
+    columns a program, 64 weights a thread in one load (with SwiGLU 2 rows of gate and of up), the next tile
+    loaded by hand while the current one multiplies (num_stages is for tl.dot loops). From H100 sweeps over
+    the 1b layers' weights (results/serve_probe/fused_h100_*.json); 2-4 rows and tl.dot at 16+ rows are
+    correct but slower than cuBLAS there (serve.py uses this for batch 1 only)."""
     bm = triton.next_power_of_2(M) if M < 16 else min(64, triton.next_power_of_2(M))
     if INTERPRET:
         return bm, 16, 32, 4, 1
@@ -469,8 +473,7 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
     _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=ONE_TILE and K <= bk, UPCAST=upcast,
-                         USE_PDL=bool(extra),
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=K <= bk, UPCAST=upcast, USE_PDL=bool(extra),
                          num_warps=warps, num_stages=stages, **extra)
     return out
 

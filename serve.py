@@ -179,8 +179,8 @@ class QueueFull(Exception):
 
 
 def fused_decode(model, idx, kv, table, lens, rope):
-    """model.forward's decode step (T=1, absorbed MLA) in 8 Triton kernels a layer instead of ~22 (1b, batch 1:
-    1.50 -> 2.04 ms, results/serve_probe/fused_h100_*.json): the RMSNorms ride in the projections' prologues,
+    """model.forward's decode step (T=1, absorbed MLA) in 8 Triton kernels a layer instead of ~22 (1b, batch 1 on
+    an H100: 2.04 -> 1.31 ms a token, results/bench_serve_h100.json): the RMSNorms ride in the projections' prologues,
     SwiGLU and the residual adds in their epilogues, one kernel ropes q_pe and k_pe, appends the latent's
     cache row and multiplies q_nope by W_UK, and the attention's splits are merged inside the W_UV product
     (mla_kernel's fused_linear, mla_absorb, mla_decode, merge_uv). idx (B,) tokens, kv (L, blocks, page, R+P),

@@ -1,8 +1,9 @@
-# Issue 9 probe (GPU only): serve.fused_decode (mla_kernel.fused_linear / rope_cache, ~10 kernels a layer)
-# against the compiled decode graph serve.py captures today, 1b preset (random weights, bf16).
+# Issue 9 probe (GPU only): serve.fused_decode (mla_kernel.fused_linear, mla_absorb, merge_uv: 8 kernels a layer)
+# against the compiled decode graph, 1b preset (random weights, bf16). Earlier versions of this file (git log)
+# also swept 2-64 rows, PDL and L2-prefetch variants (results/gpu_log.md rows 52-59).
 #  A. correctness: fused_decode vs eager model.forward on the same cache (logits, argmax, the written cache row);
-#  B. each fused op over the 24 layers' weights in one CUDA graph (no L2 reuse), tile configs swept, vs cuBLAS;
-#  C. the whole step as a CUDA graph at B = 1, 8, 64: fused with and without PDL, and the compiled blocks.
+#  B. each batch-1 op over the 24 layers' weights in one CUDA graph (no L2 reuse), tile configs swept, vs cuBLAS;
+#  C. the whole batch-1 step as a CUDA graph: fused with and without PDL, and the compiled blocks.
 # Usage: python results/serve_probe/fused.py OUT_DIR [parts, default ABC]
 import json
 import os
@@ -119,9 +120,6 @@ with torch.inference_mode():
                     row[str(c)] = round(graph_ms(lambda: [fused(x, l, c) for l in range(L)]) * 1000 / L, 2)
                 except Exception as e:  # a config that does not compile (shared memory, registers)
                     row[str(c)] = f"{type(e).__name__}: {str(e)[:80]}"
-            K.ONE_TILE = False
-            row["None, next tile loaded anyway"] = round(graph_ms(lambda: [fused(x, l, None) for l in range(L)]) * 1000 / L, 2)
-            K.ONE_TILE = True
             best = min((v, k) for k, v in row.items() if isinstance(v, float) and k != "cublas_us")
             print(f"M=1 {name:22s} cublas {row['cublas_us']:6.2f} us  default {row['None']}  best {best[0]:6.2f} {best[1]}", flush=True)
             res["ops"][name] = row
