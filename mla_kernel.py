@@ -35,6 +35,15 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost (queries, partial o, merge) outweighs its parallelism
 SHORT_SPLIT_TOKENS = 64  # ...except in short caches (<= 64 such splits): one tile each beats fewer, longer splits
+# PDL (programmatic dependent launch, Hopper): every kernel here may be scheduled while the one before it drains,
+# and waits for it (gdc_wait) before reading its output; MLA_PDL=0 turns it off (results/gpu_log.md row 61)
+PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+       and os.environ.get("MLA_PDL", "1") == "1")
+
+
+def _pdl(t):
+    """Launch options for a kernel on t's device: PDL where the GPU has it."""
+    return {"launch_pdl": True, "USE_PDL": True} if PDL and t.is_cuda else {}
 
 
 # ----------------------------------------------------------------------------- stage 1: one KV split
@@ -306,7 +315,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
     bn, warps, stages = config or launch_config(BLOCK_H, split_tokens, INTERPRET or upcast)
-    pdl = {"launch_pdl": True, "USE_PDL": True} if PDL and q_lat.is_cuda else {}
+    pdl = _pdl(q_lat)
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
                             UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
     if partials and not direct:
@@ -348,13 +357,8 @@ def mla_decode_ref(q_lat, q_pe, cache, block_table, seq_lens, sm_scale):
 # SwiGLU and the cache write, each a kernel of its own (results/serve_probe/probe_h100_d889e11.json).
 # fused_linear folds those into the GEMVs (norm in the prologue, SwiGLU / residual in the epilogue),
 # mla_absorb does everything between the projections and the attention, and merge_uv merges the attention's
-# splits inside the W_UV product: 8 kernels a layer (serve.fused_decode; 1b replay 2.04 -> 1.31 ms). With PDL
-# (programmatic dependent launch, Hopper) a kernel is scheduled while the one before it drains: it loads its
-# weights, then waits (gdc_wait) for the kernel before, and only then reads that kernel's output (0.23 ms a token).
-
-PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
-       and os.environ.get("MLA_PDL", "1") == "1")
-
+# splits inside the W_UV product: 8 kernels a layer (serve.fused_decode; 1b replay 2.04 -> 1.31 ms). Under PDL
+# each loads its weights before it waits for the kernel before it (0.23 ms a token at batch 1).
 
 @triton.jit
 def _load_w(w_ptr, k0, K, nmask, offs_k, s_wk, up, SWIGLU: tl.constexpr):
@@ -383,7 +387,7 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    ONE_TILE: tl.constexpr,   # K fits one tile: no next-tile load (its registers cost ~0.5 us)
-                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr):
+                   UPCAST: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
     at the end (the sum of squares rides along the K loop, so each program needs all of K: no split-K).
@@ -396,8 +400,7 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     offs_k = tl.arange(0, BLOCK_K)
     mmask, nmask = offs_m < M, offs_n < N
     x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
-    w_off = g * s_wg + offs_n[:, None] * s_wn                                         # (BN, 1)
-    w_ptr = W + w_off + offs_k[None, :] * s_wk                                        # (BN, BK)
+    w_ptr = W + g * s_wg + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk            # (BN, BK)
     up = N * s_wn                                                                     # [gate; up]: up rows
     w, u = _load_w(w_ptr, 0, K, nmask, offs_k, s_wk, up, SWIGLU)   # weights never change: fetched before the wait
     if USE_PDL:
@@ -469,12 +472,11 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
     upcast = x.device.type != "cuda"
     res = residual if residual is not None else out
     grid = (triton.cdiv(N, bn), G, triton.cdiv(M, bm))
-    extra = {"launch_pdl": True} if PDL and x.is_cuda else {}
     _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=K <= bk, UPCAST=upcast, USE_PDL=bool(extra),
-                         num_warps=warps, num_stages=stages, **extra)
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=K <= bk, UPCAST=upcast,
+                         num_warps=warps, num_stages=stages, **_pdl(x))
     return out
 
 
@@ -482,7 +484,7 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
 def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, BlockTable, Lens, Cos, Sin, Gamma, eps,
                    s_am, s_qm, s_qh, s_wh, s_wd, s_lm, s_lh, s_pm, s_ph, s_cb, s_bt, s_cs,
                    R: tl.constexpr, P: tl.constexpr, NOPE: tl.constexpr, PAGE: tl.constexpr,
-                   BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr):
+                   BLOCK_R: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Everything between the projections and the attention, for row m and head h (grid (H, R/BLOCK_R, B)):
     q_lat[h, r-block] = q_nope[h] . W_UK[h][:, r-block]; the first r-block's program ropes q_pe[h]; head 0's
     also appends the cache row [RMSNorm(c) * Gamma | rope(k_pe)] at position Lens[m]. DeepSeek's interleaved
@@ -537,20 +539,18 @@ def mla_absorb(ckv, q, w_uk, cache, block_table, seq_lens, cos, sin, gamma, eps=
     q_lat = torch.empty(B, H, R, device=q.device, dtype=q.dtype)
     q_pe = torch.empty(B, H, P, device=q.device, dtype=q.dtype)
     block_r = 64 if q.is_cuda else 32
-    extra = {"launch_pdl": True} if PDL and q.is_cuda else {}
     _absorb_kernel[(H, R // block_r, B)](ckv, q, w_uk, q_lat, q_pe, cache, block_table, seq_lens, cos, sin, gamma, eps,
                                          ckv.stride(0), q.stride(0), q.stride(1), w_uk.stride(0), w_uk.stride(1),
                                          q_lat.stride(0), q_lat.stride(1), q_pe.stride(0), q_pe.stride(1),
                                          cache.stride(0), block_table.stride(0), cos.stride(0), R=R, P=P, NOPE=NOPE,
-                                         PAGE=cache.shape[1], BLOCK_R=block_r, USE_PDL=bool(extra), num_warps=4,
-                                         **extra)
+                                         PAGE=cache.shape[1], BLOCK_R=block_r, num_warps=4, **_pdl(q))
     return q_lat, q_pe
 
 
 @triton.jit
 def _merge_uv_kernel(OPart, Lse, W, Y, num_splits, s_ob, s_oh, s_os, s_lb, s_lh, s_wh, s_wv, s_ym,
                      R: tl.constexpr, DV: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_S: tl.constexpr,
-                     USE_PDL: tl.constexpr):
+                     USE_PDL: tl.constexpr = False):
     """o[b, h, v-block] = W_UV[h][v-block] . merge_s(o_part[b, h, s]): the splits are merged by their
     log-sum-exp (as _mla_merge_kernel) and rounded to o_lat's dtype, then multiplied straight into W_UV."""
     vb = tl.program_id(0)
@@ -582,8 +582,7 @@ def merge_uv(o_part, lse, w_uv, dtype):
     DV = w_uv.shape[1]
     y = torch.empty(B, H * DV, device=o_part.device, dtype=dtype)
     bv = 16 if o_part.is_cuda else 8
-    extra = {"launch_pdl": True} if PDL and o_part.is_cuda else {}
     _merge_uv_kernel[(DV // bv, H, B)](o_part, lse, w_uv, y, S, *o_part.stride()[:3], *lse.stride()[:2],
                                        w_uv.stride(0), w_uv.stride(1), y.stride(0), R=R, DV=DV, BLOCK_V=bv,
-                                       BLOCK_S=triton.next_power_of_2(S), USE_PDL=bool(extra), num_warps=4, **extra)
+                                       BLOCK_S=triton.next_power_of_2(S), num_warps=4, **_pdl(o_part))
     return y

@@ -515,19 +515,20 @@ class Engine:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            try:
-                run()
-            except Exception as e:   # a compile failure must not take the server down: the compiled, then eager blocks
-                if run is blocks and self.layers is None:
-                    raise
-                what = "the fused decode" if run is not blocks else "torch.compile of the decode"
-                print(f"serve.py: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); capturing the "
-                      f"{'compiled' if run is not blocks and self.layers else 'eager'} blocks", file=sys.stderr, flush=True)
-                if run is blocks:
-                    self.layers = None
-                run = blocks
-                st["lens"].zero_()
-                run()
+            while True:   # a failed compile must not take the server down: fused -> compiled -> eager blocks
+                try:
+                    run()
+                    break
+                except Exception as e:
+                    what = "the fused decode" if run is not blocks else "torch.compile of the decode"
+                    if run is blocks:
+                        if self.layers is None:
+                            raise
+                        self.layers = None
+                    print(f"serve.py: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); capturing "
+                          f"the {'compiled' if self.layers else 'eager'} blocks", file=sys.stderr, flush=True)
+                    run = blocks
+                    st["lens"].zero_()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.pool = self.pool or torch.cuda.graph_pool_handle()   # buckets share one memory pool
         graph = torch.cuda.CUDAGraph()
