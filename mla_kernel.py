@@ -387,6 +387,7 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
                    NORM: tl.constexpr, SWIGLU: tl.constexpr, RESID: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    ONE_TILE: tl.constexpr,   # K fits one tile: no next-tile load (its registers cost ~0.5 us)
+                   PREFETCH: tl.constexpr,   # the next weight tile loaded by hand (num_stages 1); else Triton pipelines
                    UPCAST: tl.constexpr, USE_PDL: tl.constexpr = False):
     """Y[m, g, n] = epilogue(sum_k prologue(X[m, g, k]) W[g, n, k]) for a program's (BLOCK_M, BLOCK_N) tile.
     NORM: X rows are RMSNorm'd (weight Gamma): x * Gamma is multiplied in and the 1/rms(x) scale applied
@@ -402,7 +403,8 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     x_ptr = X + g * s_xg + offs_m[:, None] * s_xm + offs_k[None, :]                   # (BM, BK)
     w_ptr = W + g * s_wg + offs_n[:, None] * s_wn + offs_k[None, :] * s_wk            # (BN, BK)
     up = N * s_wn                                                                     # [gate; up]: up rows
-    w, u = _load_w(w_ptr, 0, K, nmask, offs_k, s_wk, up, SWIGLU)   # weights never change: fetched before the wait
+    if PREFETCH:
+        w, u = _load_w(w_ptr, 0, K, nmask, offs_k, s_wk, up, SWIGLU)   # weights never change: fetched before the wait
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -410,9 +412,12 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     ss = tl.zeros([BLOCK_M], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w_next, u_next = w, u
-        if not ONE_TILE:
-            w_next, u_next = _load_w(w_ptr, k0 + BLOCK_K, K, nmask, offs_k, s_wk, up, SWIGLU)   # in flight meanwhile
+        if PREFETCH:
+            w_next, u_next = w, u
+            if not ONE_TILE:
+                w_next, u_next = _load_w(w_ptr, k0 + BLOCK_K, K, nmask, offs_k, s_wk, up, SWIGLU)   # in flight meanwhile
+        else:
+            w, u = _load_w(w_ptr, k0, K, nmask, offs_k, s_wk, up, SWIGLU)
         kmask = k0 + offs_k < K
         x = tl.load(x_ptr + k0, mask=mmask[:, None] & kmask[None, :], other=0.0)
         if UPCAST:
@@ -424,7 +429,8 @@ def _linear_kernel(X, W, Y, Gamma, Res, M, N, K, eps,
         acc = _mac(acc, x, w, BLOCK_M, UPCAST)
         if SWIGLU:
             acc_u = _mac(acc_u, x, u, BLOCK_M, UPCAST)
-        w, u = w_next, u_next
+        if PREFETCH:
+            w, u = w_next, u_next
     if NORM:
         acc = acc * tl.rsqrt(ss / K + eps)[:, None]
         acc_u = acc_u * tl.rsqrt(ss / K + eps)[:, None]
@@ -475,7 +481,7 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
     _linear_kernel[grid](x, w, out, norm if norm is not None else x, res, M, N, K, eps,
                          x.stride(0), s_xg, w.stride(0), w.stride(1), w.stride(2), out.stride(0), N, res.stride(0),
                          NORM=norm is not None, SWIGLU=swiglu, RESID=residual is not None,
-                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=K <= bk, UPCAST=upcast,
+                         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, ONE_TILE=K <= bk, PREFETCH=stages == 1, UPCAST=upcast,
                          num_warps=warps, num_stages=stages, **_pdl(x))
     return out
 

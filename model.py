@@ -265,7 +265,8 @@ def causal_attention(q, k, v, scale, chunk=8192):
         out.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, :n], v[:, :, :n], attn_mask=mask,
                                                   is_causal=mask is None, scale=scale,
                                                   enable_gqa=k.shape[1] != H))
-    return torch.cat(out, dim=2).transpose(1, 2)[..., :Dv]                    # (B, T, H, Dv)
+    out = out[0] if len(out) == 1 else torch.cat(out, dim=2)   # (a cat of one tensor still copies it)
+    return out.transpose(1, 2)[..., :Dv]                                     # (B, T, H, Dv)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -296,8 +297,9 @@ class MLA(nn.Module):
             q, ckv = (self.q_proj if cfg.q_lora_rank is None else self.q_a_proj)(x), self.kv_a_proj_with_mqa(x)
         if cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))                         # (B, T, H * (nope + P))
-        q_nope, q_pe = q.view(B, T, H, nope + P).split([nope, P], dim=-1)     # (B, T, H, nope), (B, T, H, P)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q = q.view(B, T, H, nope + P)
+        q[..., nope:] = apply_rope(q[..., nope:], cos, sin)   # in place: the naive path attends with q whole
+        q_nope, q_pe = q.split([nope, P], dim=-1)                             # (B, T, H, nope), (B, T, H, P)
         c, k_pe = ckv.split([R, P], dim=-1)                                  # (B, T, R), (B, T, P)
         c = self.kv_a_layernorm(c)                                           # RMSNorm on the latent only
         k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]                # one rope key for all heads
@@ -315,7 +317,7 @@ class MLA(nn.Module):
         # naive path: decompress the latent into per-head keys and values
         k_nope, v = torch.einsum("bsr,hdr->bshd", c, w).split([nope, dv], dim=-1)    # (B, S, H, nope|dv)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)      # (B, S, H, nope+P)
-        y = causal_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, scale)
+        y = causal_attention(q, k, v, scale)
         return self.o_proj(y.reshape(B, T, H * dv))
 
 

@@ -1,0 +1,209 @@
+# Issue 9 probe (GPU only): what 64 clients spend, part by part, 1b preset (random weights, bf16).
+#  G. each decode projection at 64 rows over the 24 layers' weights (one CUDA graph, no L2 reuse): cuBLAS (the GEMM
+#     alone) vs mla_kernel.fused_linear with its RMSNorm prologue / SwiGLU / residual epilogue, tile configs swept;
+#  A. the attention at 64 rows, 512-640 cached tokens (the bench's), capacity 640: KV splits x tile configs;
+#  P. one prefill forward of 16 x 512 (the engine's 8192-token chunk): this tree's model.py vs the one carried in
+#     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
+#  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
+# Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
+import importlib.util
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import mla_kernel as K  # noqa: E402
+import model as M  # noqa: E402
+import serve  # noqa: E402
+
+OUT, PARTS = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "GAPS"
+ROWS = int(os.environ.get("ROWS", "64"))
+dev, dt = torch.device("cuda"), torch.bfloat16
+res = {"provenance": M.provenance("cuda", torch.cuda.get_device_name()), "rows": ROWS}
+dump = lambda: json.dump(res, open(os.path.join(OUT, "c64.json"), "w"), indent=1)  # noqa: E731
+torch.manual_seed(0)
+cfg = M.PRESETS["1b"]
+with torch.device(dev):
+    model = M.Transformer(cfg)
+model = M.fuse_projections(model.to(dt).eval().requires_grad_(False))
+L, page, H, R, nope, P, dv = cfg.num_hidden_layers, 64, 16, 512, 128, 64, 128
+lay = model.layers
+
+
+def graph_ms(fn, reps=50):
+    """Median ms of one replay of fn captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    for _ in range(5):
+        g.replay()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b))
+    return sorted(ts)[len(ts) // 2]
+
+
+def try_ms(fn):
+    try:
+        return round(graph_ms(fn) * 1000 / L, 2)
+    except Exception as e:  # a config that does not compile (shared memory, registers)
+        return f"{type(e).__name__}: {str(e)[:80]}"
+
+
+def state(B, lo=512, hi=640, cap=640):
+    pages = cap // page
+    kv = torch.randn(L, B * pages + 1, page, M.cache_width(cfg), device=dev, dtype=dt)
+    table = torch.arange(B * pages, device=dev, dtype=torch.int32).view(B, pages)
+    lens = torch.randint(lo, hi, (B,), device=dev, dtype=torch.int32)
+    return kv, table, lens
+
+
+with torch.inference_mode():
+    if "G" in PARTS:
+        RES = torch.randn(ROWS, 2048, device=dev, dtype=dt)
+        ops = {  # name: (x width, fused call for layer l with config c, the cuBLAS GEMM alone)
+            "qkv_a+norm": (2048, lambda x, l, c: K.fused_linear(x, lay[l].self_attn.qkv_a, norm=lay[l].input_layernorm.weight, config=c),
+                           lambda x, l: F.linear(x, lay[l].self_attn.qkv_a)),
+            "q_b+norm": (1536, lambda x, l, c: K.fused_linear(x, lay[l].self_attn.q_b_proj.weight, norm=lay[l].self_attn.q_a_layernorm.weight, config=c),
+                         lambda x, l: F.linear(x, lay[l].self_attn.q_b_proj.weight)),
+            "W_UV": (H * R, lambda x, l, c: K.fused_linear(x, lay[l].self_attn.kv_b_proj.weight.view(H, nope + dv, R)[:, nope:], x_group_stride=R, config=c),
+                     lambda x, l: torch.einsum("bhr,hvr->bhv", x.view(-1, H, R), lay[l].self_attn.kv_b_proj.weight.view(H, nope + dv, R)[:, nope:])),
+            "o+res": (2048, lambda x, l, c: K.fused_linear(x, lay[l].self_attn.o_proj.weight, out=RES, residual=RES, config=c),
+                      lambda x, l: F.linear(x, lay[l].self_attn.o_proj.weight)),
+            "gate_up+norm+swiglu": (2048, lambda x, l, c: K.fused_linear(x, lay[l].mlp.gate_up, norm=lay[l].post_attention_layernorm.weight, swiglu=True, config=c),
+                                    lambda x, l: F.linear(x, lay[l].mlp.gate_up)),
+            "down+res": (4608, lambda x, l, c: K.fused_linear(x, lay[l].mlp.down_proj.weight, out=RES, residual=RES, config=c),
+                         lambda x, l: F.linear(x, lay[l].mlp.down_proj.weight)),
+        }
+        bm = min(64, max(16, ROWS))
+        configs = [(bm, bn, bk, w, s) for bn, bk, w, s in
+                   [(16, 128, 4, 3), (32, 128, 4, 3), (32, 128, 4, 4), (32, 64, 4, 5), (32, 256, 4, 3), (64, 64, 4, 4),
+                    (64, 128, 4, 3), (64, 128, 4, 4), (64, 64, 4, 6), (128, 64, 4, 4), (128, 64, 8, 4), (64, 256, 8, 3),
+                    (32, 128, 4, 1), (64, 128, 4, 1), (32, 256, 4, 1)]]
+        res["ops"] = {}
+        for name, (width, fused, cublas) in ops.items():
+            x = torch.randn(ROWS, width, device=dev, dtype=dt)
+            row = {"cublas_us": try_ms(lambda: [cublas(x, l) for l in range(L)])}
+            for c in configs:
+                row[str(c)] = try_ms(lambda: [fused(x, l, c) for l in range(L)])
+            best = min((v, k) for k, v in row.items() if isinstance(v, float) and k != "cublas_us")
+            print(f"M={ROWS} {name:22s} cublas {row['cublas_us']:6.2f} us  best fused {best[0]:6.2f} {best[1]}", flush=True)
+            res["ops"][name] = row
+            dump()
+        # what each fused op replaces besides its GEMM: the compiled blocks' norm / SwiGLU / residual kernels
+        x = torch.randn(ROWS, 2048, device=dev, dtype=dt)
+        g = torch.randn(ROWS, 9216, device=dev, dtype=dt)
+        res["ops"]["rms_norm_us"] = try_ms(lambda: [F.rms_norm(x, (2048,), lay[l].input_layernorm.weight, 1e-6) for l in range(L)])
+        res["ops"]["silu_mul_us"] = try_ms(lambda: [F.silu(g[:, :4608]) * g[:, 4608:] for l in range(L)])
+        res["ops"]["add_us"] = try_ms(lambda: [x + RES for l in range(L)])
+        print({k: res["ops"][k] for k in ("rms_norm_us", "silu_mul_us", "add_us")}, flush=True)
+        dump()
+
+    if "A" in PARTS:
+        kv, table, lens = state(ROWS)
+        ql = torch.randn(ROWS, H, R, device=dev, dtype=dt)
+        qp = torch.randn(ROWS, H, P, device=dev, dtype=dt)
+        ref = K.mla_decode(ql, qp, kv[0], table, lens, 0.1)
+        att = {"default_splits": None, "rows": {}}
+        for splits in (1, 2, 3, 4, 5, 6, 8):
+            for c in [None, (16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 2, 2), (32, 8, 2)]:
+                try:
+                    err = (K.mla_decode(ql, qp, kv[0], table, lens, 0.1, num_splits=splits, config=c) - ref).abs().max().item()
+                except Exception as e:
+                    att["rows"][f"{splits} {c}"] = f"{type(e).__name__}: {str(e)[:80]}"
+                    continue
+                att["rows"][f"{splits} {c}"] = [try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1, num_splits=splits, config=c)
+                                                               for l in range(L)]), round(err, 4)]
+        att["default"] = try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1) for l in range(L)])
+        att["bytes_per_layer"] = int(lens.sum()) * M.cache_width(cfg) * 2
+        best = min((v[0], k) for k, v in att["rows"].items() if isinstance(v, list) and isinstance(v[0], float))
+        print(f"attention B={ROWS}: default {att['default']} us, best {best}, "
+              f"{att['bytes_per_layer'] / 2**20:.1f} MiB a layer", flush=True)
+        res["attention"] = att
+        dump()
+
+    if "P" in PARTS:
+        pre = {}
+        B, T = 16, 512
+        q = torch.randn(B, H, T, nope + P, device=dev, dtype=dt)
+        k = torch.randn(B, H, T, nope + P, device=dev, dtype=dt)
+        v = torch.randn(B, H, T, dv, device=dev, dtype=dt)
+
+        def ev_ms(fn, n=20):
+            fn()
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            for _ in range(n):
+                fn()
+            b.record()
+            b.synchronize()
+            return round(a.elapsed_time(b) / n, 4)
+        padded = lambda: F.scaled_dot_product_attention(q, k, F.pad(v, (0, nope + P - dv)), is_causal=True)[..., :dv]  # noqa: E731
+        plain = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+        pre["sdpa_padded_ms"], pre["sdpa_dv128_ms"] = ev_ms(padded), ev_ms(plain)
+        pre["sdpa_dv128_max_diff"] = (padded() - plain()).abs().max().item()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            plain()
+            torch.cuda.synchronize()
+        pre["sdpa_dv128_kernels"] = sorted({e.key[:90] for e in prof.key_averages()})
+        spec = importlib.util.spec_from_file_location("model_old", os.path.join(ROOT, ".old", "model_old.py"))
+        old = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(old)
+        with torch.device(dev):
+            om = old.Transformer(old.PRESETS["1b"])
+        om.load_state_dict(model.state_dict(), strict=False)
+        om = old.fuse_projections(om.to(dt).eval().requires_grad_(False))
+        idx = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+        for name, mod, m in (("old", old, om), ("new", M, model), ("old", old, om), ("new", M, model)):
+            cache = mod.Cache(torch.zeros(L, B * 9 + 1, page, 576, device=dev, dtype=dt),
+                              torch.arange(B * 9, device=dev, dtype=torch.int32).view(B, 9),
+                              torch.zeros(B, device=dev, dtype=torch.int32))
+
+            def fwd():
+                cache.seq_lens.zero_()
+                return m(idx, cache=cache)[:, -1]
+            pre[f"forward_{name}_ms"] = ev_ms(fwd, 10)
+            pre[f"logits_{name}"] = fwd().float()
+        d = (pre.pop("logits_old") - pre.pop("logits_new")).abs().max().item()
+        pre["old_vs_new_max_logit_diff"] = d
+        print("prefill", pre, flush=True)
+        res["prefill"] = pre
+        dump()
+
+    if "S" in PARTS:
+        kv, table, lens = state(ROWS)
+        idx = torch.randint(0, cfg.vocab_size, (ROWS,), device=dev)
+        rope = [t[0] for t in M.rope_cos_sin(model.inv_freq, torch.arange(704, device=dev)[None])]
+        step = {}
+        step["fused_ms"] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens, rope)), 4)
+        t0 = time.perf_counter()
+        layers = [torch.compile(b, dynamic=True) for b in model.layers]
+        cache = M.Cache(kv, table, lens.clone())
+
+        def run():
+            cache.seq_lens.copy_(lens)
+            return model(idx[:, None], cache=cache, layers=layers)[:, -1]
+        step["compiled_ms"] = round(graph_ms(run), 4)
+        step["compile_s"] = round(time.perf_counter() - t0, 1)
+        print("step", ROWS, step, flush=True)
+        res["step"] = step
+        dump()
+dump()
+print("done", flush=True)
