@@ -49,16 +49,18 @@ def _pdl(t):
 # ----------------------------------------------------------------------------- stage 1: one KV split
 
 @triton.jit
-def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
-                 R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
+def _load_tile(Cache, bt_row, s_cb, n0, end, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Cached rows n0 .. n0+BLOCK_N-1 as (c (BN, R), k_pe (BN, P)); with MASKED, rows >= end read as 0."""
     W: tl.constexpr = R + P
     offs_t = tl.arange(0, BLOCK_N)
     if BLOCK_N <= PAGE:
         # the tile lies inside one page: one block-table entry, and every row at a compile-time
         # offset from it (rows of a page are contiguous), so no per-row pointer registers
-        page = tl.load(bt_row + n0 // PAGE)
+        if MASKED:   # a prefetch past the end reads no table entry (nor rows, below)
+            page = tl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
+        else:
+            page = tl.load(bt_row + n0 // PAGE)
         row_ptr = Cache + page.to(tl.int64) * s_cb + (n0 % PAGE) * W + offs_t * W      # (BN,)
     else:
         # small pages: look up each row's page (int64: caches exceed 2^31 elements)
@@ -77,13 +79,20 @@ def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_sc
     else:
         c = tl.load(c_ptr)
         k_pe = tl.load(pe_ptr)
+    return c, k_pe
+
+
+@triton.jit
+def _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n0, end, qk_scale, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold cached rows c, k_pe (tokens n0 .. n0+BLOCK_N-1, only those < end when MASKED) into the online softmax."""
     if UPCAST:
         c = c.to(tl.float32)
         k_pe = k_pe.to(tl.float32)
     # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
     qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale          # (BH, BN)
     if MASKED:
-        qk = tl.where(valid[None, :], qk, float("-inf"))
+        qk = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
     alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
     p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
@@ -102,6 +111,7 @@ def _mla_split_kernel(
     R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
+    PREFETCH: tl.constexpr,  # load tile i+1 by hand while tile i multiplies (num_stages 1)
     UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
     USE_PDL: tl.constexpr = False,   # launched early (PDL): wait for the kernel before first
 ):
@@ -133,12 +143,22 @@ def _mla_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
     bt_row = BlockTable + b * s_bt
-    for n0 in range(start, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
-                                     R, P, PAGE, BLOCK_N, False, UPCAST)
-    if n_full < end:
-        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
-                                     R, P, PAGE, BLOCK_N, True, UPCAST)
+    if PREFETCH:
+        # the next tile's loads are issued before this tile's dots: Triton's pipeliner does not overlap
+        # loads whose addresses come from another load (the block table), so each tile waited a full
+        # memory latency (B=64: 1.2 TB/s whatever the stages, results/serve_probe/c64_h100_*.json)
+        c, k_pe = _load_tile(Cache, bt_row, s_cb, start, end, R, P, PAGE, BLOCK_N, True)
+        for n0 in range(start, end, BLOCK_N):
+            c_next, pe_next = _load_tile(Cache, bt_row, s_cb, n0 + BLOCK_N, end, R, P, PAGE, BLOCK_N, True)
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n0, end, qk_scale, BLOCK_N, True, UPCAST)
+            c, k_pe = c_next, pe_next
+    else:
+        for n0 in range(start, n_full, BLOCK_N):
+            c, k_pe = _load_tile(Cache, bt_row, s_cb, n0, end, R, P, PAGE, BLOCK_N, False)
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n0, end, qk_scale, BLOCK_N, False, UPCAST)
+        if n_full < end:
+            c, k_pe = _load_tile(Cache, bt_row, s_cb, n_full, end, R, P, PAGE, BLOCK_N, True)
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n_full, end, qk_scale, BLOCK_N, True, UPCAST)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -316,7 +336,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     upcast = q_lat.device.type != "cuda"
     bn, warps, stages = config or launch_config(BLOCK_H, split_tokens, INTERPRET or upcast)
     pdl = _pdl(q_lat)
-    _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
+    _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct, PREFETCH=stages == 1,
                             UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
     if partials and not direct:
         return o_part, lse
@@ -592,3 +612,63 @@ def merge_uv(o_part, lse, w_uv, dtype):
                                        w_uv.stride(0), w_uv.stride(1), y.stride(0), R=R, DV=DV, BLOCK_V=bv,
                                        BLOCK_S=triton.next_power_of_2(S), num_warps=4, **_pdl(o_part))
     return y
+
+
+# ----------------------------------------------------------------------------- prefill's elementwise tails
+# A 1b prefill forward of 16 x 512 tokens spent ~9 of its 53 ms on RoPE in fp32 (9 elementwise kernels a call)
+# and SwiGLU (two passes over the strided gate/up halves) (results/serve_probe/probe_h100_graph64_prefill_*.json).
+# model.py calls these on CUDA when no gradient is taken; they compute in fp32 and round once, as its PyTorch code.
+
+@triton.jit
+def _rope_kernel(X, Y, Cos, Sin, T, H, s_xb, s_xt, s_xh, s_yb, s_yt, s_yh, s_cb, s_ct,
+                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """DeepSeek's interleaved RoPE for token (b, t) (program 0) and a block of heads (program 1)."""
+    b = tl.program_id(0) // T
+    t = tl.program_id(0) % T
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    i = tl.arange(0, HALF)
+    cos = tl.load(Cos + b * s_cb + t * s_ct + i).to(tl.float32)[None, :]
+    sin = tl.load(Sin + b * s_cb + t * s_ct + i).to(tl.float32)[None, :]
+    m = (heads < H)[:, None]
+    x = X + b * s_xb + t * s_xt + heads[:, None] * s_xh + 2 * i[None, :]                     # (BH, HALF)
+    re = tl.load(x, mask=m, other=0.0).to(tl.float32)
+    im = tl.load(x + 1, mask=m, other=0.0).to(tl.float32)
+    y = Y + b * s_yb + t * s_yt + heads[:, None] * s_yh + 2 * i[None, :]
+    tl.store(y, (re * cos - im * sin).to(Y.dtype.element_ty), mask=m)
+    tl.store(y + 1, (re * sin + im * cos).to(Y.dtype.element_ty), mask=m)
+
+
+def rope(x, cos, sin, out=None):
+    """model.apply_rope in one kernel: x (B, T, H, D) any strides (last one 1), cos/sin (B, T, D/2) -> out (x's shape
+    and dtype; may be x itself)."""
+    B, T, H, D = x.shape
+    out = torch.empty_like(x) if out is None else out
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = cos.expand(B, T, D // 2), sin.expand(B, T, D // 2)
+    bh = min(16, triton.next_power_of_2(H))
+    _rope_kernel[(B * T, triton.cdiv(H, bh))](x, out, cos, sin, T, H, *x.stride()[:3], *out.stride()[:3],
+                                              *cos.stride()[:2], HALF=D // 2, BLOCK_H=bh, num_warps=2)
+    return out
+
+
+@triton.jit
+def _swiglu_kernel(GU, Y, N, s_gm, s_ym, BLOCK: tl.constexpr):
+    """Y[m, n] = silu(GU[m, n]) * GU[m, N + n]: one pass over [gate | up]."""
+    m = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    g = tl.load(GU + m * s_gm + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(GU + m * s_gm + N + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + m * s_ym + offs, (g / (1.0 + tl.exp(-g)) * u).to(Y.dtype.element_ty), mask=mask)
+
+
+def swiglu(gu):
+    """gu (..., 2N) = [x W_gate | x W_up], rows contiguous -> silu(gate) * up (..., N) in gu's dtype."""
+    rows = gu.reshape(-1, gu.shape[-1])
+    N = rows.shape[1] // 2
+    y = torch.empty(rows.shape[0], N, device=gu.device, dtype=gu.dtype)
+    block = min(1024, triton.next_power_of_2(N))
+    _swiglu_kernel[(rows.shape[0], triton.cdiv(N, block))](rows, y, N, rows.stride(0), y.stride(0), BLOCK=block,
+                                                            num_warps=4)
+    return y.view(*gu.shape[:-1], N)

@@ -472,12 +472,12 @@ def test_hf_errors_are_one_line_and_name_the_folder(tmp_path):
 import mla_kernel  # noqa: E402
 
 
-def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None):
+def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None, config=None, spare=1):
     """Random queries and per-row keys, scattered into a paged cache through a shuffled block
     table whose spare pages hold random junk; returns (kernel output, float64 reference computed
     from the unpaged rows, kernel inputs)."""
     g = torch.Generator().manual_seed(seed)
-    max_pages = max(1, -(-max(lens) // page)) + 1                       # one spare page a row
+    max_pages = max(1, -(-max(lens) // page)) + spare                   # spare pages a row
     num_blocks = B * max_pages + 2
     cache = torch.randn(num_blocks, page, R + P, generator=g).to(dtype)  # junk everywhere first
     block_table = torch.randperm(num_blocks, generator=g)[: B * max_pages].view(B, max_pages).int()
@@ -496,7 +496,8 @@ def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None):
             ref[b] = torch.softmax(s, -1) @ c
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     out = torch.full((B, H, R), float("nan"), dtype=dtype)               # poison: every element must be written
-    mla_kernel.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=out, num_splits=num_splits)
+    mla_kernel.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=out, num_splits=num_splits,
+                          config=config)
     return out, ref, (q_lat, q_pe, cache, block_table, seq_lens, sm_scale)
 
 
@@ -520,12 +521,15 @@ def test_kernel_matches_float64(B, H, R, P, page, lens, dtype, splits):
 
 
 def test_kernel_fresh_inputs_and_splits_agree():
-    # same function on different random draws, and the split count does not change the result
-    for seed in (1, 2):
-        outs = [_kernel_case(2, 16, 64, 32, 16, [257, 90], torch.float16, seed, num_splits=s) for s in (1, 5)]
+    # same function on different random draws; neither the split count nor the tile loop (hand prefetch at
+    # num_stages 1, Triton's pipeline above) changes the result, also when the rows fill their tables exactly
+    for seed, spare in ((1, 1), (2, 0)):
+        outs = [_kernel_case(2, 16, 64, 32, 16, [257, 90], torch.float16, seed, num_splits=s, config=c, spare=spare)
+                for s in (1, 5) for c in ((32, 4, 1), (32, 4, 2), (16, 4, 1))]
         for out, ref, _ in outs:
             assert _rel_err(out, ref) < 2e-3
-        assert (outs[0][0].float() - outs[1][0].float()).abs().max().item() < 2e-3
+        for out, _, _ in outs[1:]:
+            assert (outs[0][0].float() - out.float()).abs().max().item() < 2e-3
 
 
 def test_kernel_empty_row_gives_zeros():
@@ -577,7 +581,10 @@ def test_fused_linear_matches_float64(M):
     cases = [(mla_kernel.fused_linear(x, w), xd @ wd.T),
              (mla_kernel.fused_linear(x, w, norm=gam), xn @ wd.T),
              (mla_kernel.fused_linear(x, w, norm=gam, swiglu=True), silu * up),
-             (mla_kernel.fused_linear(x, w[:40], out=h, residual=h), res.double() + xd @ wd[:40].T)]   # in place
+             (mla_kernel.fused_linear(x, w[:40], out=h, residual=h), res.double() + xd @ wd[:40].T),   # in place
+             # num_stages 2: Triton pipelines the weight loads (1, above: the hand-written double buffer)
+             (mla_kernel.fused_linear(x, w, norm=gam, config=(min(64, 1 << (M - 1).bit_length()), 16, 32, 4, 2)),
+              xn @ wd.T)]
     G, K, N, stride = 4, 24, 20, 30      # per-group weights (G, K, N) as a strided (G, N, K) view, x groups 30 apart
     xg, wg = torch.randn(M, G * stride, generator=g), torch.randn(G, K, N, generator=g)
     cases.append((mla_kernel.fused_linear(xg, wg.transpose(1, 2), x_group_stride=stride),
@@ -585,6 +592,23 @@ def test_fused_linear_matches_float64(M):
     for got, want in cases:
         assert got.shape == want.shape and _rel_err(got, want) < 1e-5
     assert h.data_ptr() == cases[3][0].data_ptr()
+
+
+def test_rope_and_swiglu_kernels_match_float64():
+    # prefill's elementwise tails (model.py calls them when serving on a GPU) == model.py's PyTorch code in float64
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 7, 3, 40, generator=g).bfloat16()
+    x = base[..., 8:24]                                                    # (B, T, H, 16): strided, as q's rope part
+    cos, sin = M.rope_cos_sin(1.0 / 1e4 ** (torch.arange(0, 16, 2) / 16), torch.arange(7)[None].expand(2, 7) + 30)
+    want = M.apply_rope(x.double(), cos.double(), sin.double())
+    assert _rel_err(mla_kernel.rope(x, cos, sin), want) < 1e-2               # bf16 output rounding
+    before = base.clone()
+    mla_kernel.rope(x, cos, sin, out=x)                                     # in place, neighbours untouched
+    assert _rel_err(x, want) < 1e-2
+    assert torch.equal(base[..., :8], before[..., :8]) and torch.equal(base[..., 24:], before[..., 24:])
+    gu = torch.randn(3, 5, 2 * 1100, generator=g)                          # N = 1100: two blocks, the second ragged
+    gate, up = gu.double().chunk(2, -1)
+    assert _rel_err(mla_kernel.swiglu(gu), gate * torch.sigmoid(gate) * up) < 1e-6
 
 
 def test_merge_uv_matches_float64():

@@ -116,27 +116,30 @@ with torch.inference_mode():
         dump()
 
     if "A" in PARTS:
-        kv, table, lens = state(ROWS)
-        ql = torch.randn(ROWS, H, R, device=dev, dtype=dt)
-        qp = torch.randn(ROWS, H, P, device=dev, dtype=dt)
-        ref = K.mla_decode(ql, qp, kv[0], table, lens, 0.1)
-        att = {"default_splits": None, "rows": {}}
-        for splits in (1, 2, 3, 4, 5, 6, 8):
-            for c in [None, (16, 4, 2), (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 8, 2), (32, 2, 2), (32, 8, 2)]:
-                try:
-                    err = (K.mla_decode(ql, qp, kv[0], table, lens, 0.1, num_splits=splits, config=c) - ref).abs().max().item()
-                except Exception as e:
-                    att["rows"][f"{splits} {c}"] = f"{type(e).__name__}: {str(e)[:80]}"
-                    continue
-                att["rows"][f"{splits} {c}"] = [try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1, num_splits=splits, config=c)
-                                                               for l in range(L)]), round(err, 4)]
-        att["default"] = try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1) for l in range(L)])
-        att["bytes_per_layer"] = int(lens.sum()) * M.cache_width(cfg) * 2
-        best = min((v[0], k) for k, v in att["rows"].items() if isinstance(v, list) and isinstance(v[0], float))
-        print(f"attention B={ROWS}: default {att['default']} us, best {best}, "
-              f"{att['bytes_per_layer'] / 2**20:.1f} MiB a layer", flush=True)
-        res["attention"] = att
-        dump()
+        res["attention"] = {}
+        for B in [int(b) for b in os.environ.get("ATT_ROWS", "1,8,64").split(",")]:
+            kv, table, lens = state(B)
+            ql = torch.randn(B, H, R, device=dev, dtype=dt)
+            qp = torch.randn(B, H, P, device=dev, dtype=dt)
+            ref = K.mla_decode(ql, qp, kv[0], table, lens, 0.1)
+            att = {"rows": {}}
+            for splits in ((1, 2, 3, 4) if B >= 32 else (1, 2, 4, 8, 16)):
+                for c in [None, (32, 4, 2), (64, 4, 2), (64, 8, 2), (16, 4, 1), (32, 4, 1), (64, 4, 1), (32, 8, 1),
+                          (64, 8, 1)]:
+                    try:
+                        err = (K.mla_decode(ql, qp, kv[0], table, lens, 0.1, num_splits=splits, config=c) - ref).abs().max().item()
+                    except Exception as e:
+                        att["rows"][f"{splits} {c}"] = f"{type(e).__name__}: {str(e)[:80]}"
+                        continue
+                    att["rows"][f"{splits} {c}"] = [try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1, num_splits=splits, config=c)
+                                                                   for l in range(L)]), round(err, 4)]
+            att["default"] = try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1) for l in range(L)])
+            att["bytes_per_layer"] = int(lens.sum()) * M.cache_width(cfg) * 2
+            best = sorted((v[0], k) for k, v in att["rows"].items() if isinstance(v, list) and isinstance(v[0], float))[:4]
+            print(f"attention B={B}: default {att['default']} us, best {best}, "
+                  f"{att['bytes_per_layer'] / 2**20:.1f} MiB a layer", flush=True)
+            res["attention"][B] = att
+            dump()
 
     if "P" in PARTS:
         pre = {}
@@ -181,9 +184,16 @@ with torch.inference_mode():
                 return m(idx, cache=cache)[:, -1]
             pre[f"forward_{name}_ms"] = ev_ms(fwd, 10)
             pre[f"logits_{name}"] = fwd().float()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fwd()
+                torch.cuda.synchronize()
+            ks = [(e.key[:100], e.count, round(e.device_time_total / 1000, 3)) for e in prof.key_averages()
+                  if e.device_time_total > 0]
+            pre[f"kernels_{name}"] = sorted(ks, key=lambda k: -k[2])[:25]
+            pre[f"kernel_ms_{name}"] = round(sum(k[2] for k in ks), 2)
         d = (pre.pop("logits_old") - pre.pop("logits_new")).abs().max().item()
         pre["old_vs_new_max_logit_diff"] = d
-        print("prefill", pre, flush=True)
+        print("prefill", {k: v for k, v in pre.items() if not k.startswith("kernels")}, flush=True)
         res["prefill"] = pre
         dump()
 
