@@ -202,7 +202,8 @@ with torch.inference_mode():
         idx = torch.randint(0, cfg.vocab_size, (ROWS,), device=dev)
         rope = [t[0] for t in M.rope_cos_sin(model.inv_freq, torch.arange(704, device=dev)[None])]
         step = {}
-        step["fused_ms"] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens, rope)), 4)
+        if ROWS <= 8:   # at 64 rows 6.05 vs 3.39 ms compiled (c64_h100_7a7dc8c.json)
+            step["fused_ms"] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens, rope)), 4)
         t0 = time.perf_counter()
         layers = [torch.compile(b, dynamic=True) for b in model.layers]
         cache = M.Cache(kv, table, lens.clone())
