@@ -565,6 +565,7 @@ def test_kernel_split_count_heuristic():
     assert mla_kernel.num_kv_splits(16, 1, 131072, 132, ctas_per_sm=2) == 16
     assert mla_kernel.num_kv_splits(1, 1, 1024, 132) == 16      # short caches: 64-token splits
     assert mla_kernel.num_kv_splits(1, 1, 16384, 132, ctas_per_sm=2) == 128
+    assert mla_kernel.num_kv_splits(64, 1, 640, 132, ctas_per_sm=1) == 2     # mla_decode's large batches
     assert [mla_kernel.head_group(h) for h in (1, 3, 16, 17, 64, 100, 128)] == [16, 16, 16, 32, 64, 64, 64]
 
 
