@@ -626,15 +626,15 @@ def merge_uv(o_part, lse, w_uv, dtype):
 
 @triton.jit
 def _rope_kernel(X, Y, Cos, Sin, T, H, s_xb, s_xt, s_xh, s_yb, s_yt, s_yh, s_cb, s_ct,
-                 HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+                 HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr):
     """DeepSeek's interleaved RoPE for token (b, t) (program 0) and a block of heads (program 1)."""
     b = tl.program_id(0) // T
     t = tl.program_id(0) % T
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    i = tl.arange(0, HALF)
-    cos = tl.load(Cos + b * s_cb + t * s_ct + i).to(tl.float32)[None, :]
-    sin = tl.load(Sin + b * s_cb + t * s_ct + i).to(tl.float32)[None, :]
-    m = (heads < H)[:, None]
+    i = tl.arange(0, BLOCK_D)
+    cos = tl.load(Cos + b * s_cb + t * s_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(Sin + b * s_cb + t * s_ct + i, mask=i < HALF, other=0.0).to(tl.float32)[None, :]
+    m = (heads < H)[:, None] & (i < HALF)[None, :]
     x = X + b * s_xb + t * s_xt + heads[:, None] * s_xh + 2 * i[None, :]                     # (BH, HALF)
     re = tl.load(x, mask=m, other=0.0).to(tl.float32)
     im = tl.load(x + 1, mask=m, other=0.0).to(tl.float32)
@@ -653,7 +653,8 @@ def rope(x, cos, sin, out=None):
     cos, sin = cos.expand(B, T, D // 2), sin.expand(B, T, D // 2)
     bh = min(16, triton.next_power_of_2(H))
     _rope_kernel[(B * T, triton.cdiv(H, bh))](x, out, cos, sin, T, H, *x.stride()[:3], *out.stride()[:3],
-                                              *cos.stride()[:2], HALF=D // 2, BLOCK_H=bh, num_warps=2)
+                                              *cos.stride()[:2], HALF=D // 2, BLOCK_D=triton.next_power_of_2(D // 2),
+                                              BLOCK_H=bh, num_warps=2)
     return out
 
 

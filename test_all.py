@@ -607,6 +607,9 @@ def test_rope_and_swiglu_kernels_match_float64():
     mla_kernel.rope(x, cos, sin, out=x)                                     # in place, neighbours untouched
     assert _rel_err(x, want) < 1e-2
     assert torch.equal(base[..., :8], before[..., :8]) and torch.equal(base[..., 24:], before[..., 24:])
+    x6 = torch.randn(2, 3, 5, 12, generator=g)                             # D/2 = 6: not a power of two
+    c6, s6 = M.rope_cos_sin(1.0 / 1e4 ** (torch.arange(0, 12, 2) / 12), torch.arange(3)[None].expand(2, 3))
+    assert _rel_err(mla_kernel.rope(x6, c6, s6), M.apply_rope(x6.double(), c6.double(), s6.double())) < 1e-6
     gu = torch.randn(3, 5, 2 * 1100, generator=g)                          # N = 1100: two blocks, the second ragged
     gate, up = gu.double().chunk(2, -1)
     assert _rel_err(mla_kernel.swiglu(gu), gate * torch.sigmoid(gate) * up) < 1e-6
