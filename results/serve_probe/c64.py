@@ -2,7 +2,7 @@
 #  G. each decode projection at 64 rows over the 24 layers' weights (one CUDA graph, no L2 reuse): cuBLAS (the GEMM
 #     alone) vs mla_kernel.fused_linear with its RMSNorm prologue / SwiGLU / residual epilogue, tile configs swept;
 #  A. the attention at 64 rows, 512-640 cached tokens (the bench's), capacity 640: KV splits x tile configs;
-#  P. one prefill forward of 16 x 512 (the engine's 8192-token chunk): this tree's model.py vs the one carried in
+#  P. one prefill forward of 16 x 512 (the engine's 8192-token chunk; env PREFILL_B=1,8,16 for others): this tree's model.py vs the one carried in
 #     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
@@ -173,26 +173,28 @@ with torch.inference_mode():
             om = old.Transformer(old.PRESETS["1b"])
         om.load_state_dict(model.state_dict(), strict=False)
         om = old.fuse_projections(om.to(dt).eval().requires_grad_(False))
-        idx = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
-        for name, mod, m in (("old", old, om), ("new", M, model), ("old", old, om), ("new", M, model)):
-            cache = mod.Cache(torch.zeros(L, B * 9 + 1, page, 576, device=dev, dtype=dt),
-                              torch.arange(B * 9, device=dev, dtype=torch.int32).view(B, 9),
-                              torch.zeros(B, device=dev, dtype=torch.int32))
+        for B in [int(b) for b in os.environ.get("PREFILL_B", "16").split(",")]:   # B x 512-token prompts
+            sfx = "" if B == 16 else f"_B{B}"   # (the first runs had B=16 only, unsuffixed)
+            idx = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+            for name, mod, m in (("old", old, om), ("new", M, model), ("old", old, om), ("new", M, model)):
+                cache = mod.Cache(torch.zeros(L, B * 9 + 1, page, 576, device=dev, dtype=dt),
+                                  torch.arange(B * 9, device=dev, dtype=torch.int32).view(B, 9),
+                                  torch.zeros(B, device=dev, dtype=torch.int32))
 
-            def fwd():
-                cache.seq_lens.zero_()
-                return m(idx, cache=cache)[:, -1]
-            pre[f"forward_{name}_ms"] = ev_ms(fwd, 10)
-            pre[f"logits_{name}"] = fwd().float()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                fwd()
-                torch.cuda.synchronize()
-            ks = [(e.key[:100], e.count, round(e.device_time_total / 1000, 3)) for e in prof.key_averages()
-                  if e.device_time_total > 0]
-            pre[f"kernels_{name}"] = sorted(ks, key=lambda k: -k[2])[:25]
-            pre[f"kernel_ms_{name}"] = round(sum(k[2] for k in ks), 2)
-        d = (pre.pop("logits_old") - pre.pop("logits_new")).abs().max().item()
-        pre["old_vs_new_max_logit_diff"] = d
+                def fwd():
+                    cache.seq_lens.zero_()
+                    return m(idx, cache=cache)[:, -1]
+                pre[f"forward_{name}_ms{sfx}"] = ev_ms(fwd, 10)
+                pre[f"logits_{name}"] = fwd().float()
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                    fwd()
+                    torch.cuda.synchronize()
+                ks = [(e.key[:100], e.count, round(e.device_time_total / 1000, 3)) for e in prof.key_averages()
+                      if e.device_time_total > 0]
+                pre[f"kernels_{name}{sfx}"] = sorted(ks, key=lambda k: -k[2])[:25]
+                pre[f"kernel_ms_{name}{sfx}"] = round(sum(k[2] for k in ks), 2)
+            d = (pre.pop("logits_old") - pre.pop("logits_new")).abs().max().item()
+            pre[f"old_vs_new_max_logit_diff{sfx}"] = d
         print("prefill", {k: v for k, v in pre.items() if not k.startswith("kernels")}, flush=True)
         res["prefill"] = pre
         dump()
