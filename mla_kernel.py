@@ -49,18 +49,16 @@ def _pdl(t):
 # ----------------------------------------------------------------------------- stage 1: one KV split
 
 @triton.jit
-def _load_tile(Cache, bt_row, s_cb, n0, end, R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """Cached rows n0 .. n0+BLOCK_N-1 as (c (BN, R), k_pe (BN, P)); with MASKED, rows >= end read as 0."""
+def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                 R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
     W: tl.constexpr = R + P
     offs_t = tl.arange(0, BLOCK_N)
     if BLOCK_N <= PAGE:
         # the tile lies inside one page: one block-table entry, and every row at a compile-time
         # offset from it (rows of a page are contiguous), so no per-row pointer registers
-        if MASKED:   # a prefetch past the end reads no table entry (nor rows, below)
-            page = tl.load(bt_row + n0 // PAGE, mask=n0 < end, other=0)
-        else:
-            page = tl.load(bt_row + n0 // PAGE)
+        page = tl.load(bt_row + n0 // PAGE)
         row_ptr = Cache + page.to(tl.int64) * s_cb + (n0 % PAGE) * W + offs_t * W      # (BN,)
     else:
         # small pages: look up each row's page (int64: caches exceed 2^31 elements)
@@ -79,20 +77,13 @@ def _load_tile(Cache, bt_row, s_cb, n0, end, R: tl.constexpr, P: tl.constexpr, P
     else:
         c = tl.load(c_ptr)
         k_pe = tl.load(pe_ptr)
-    return c, k_pe
-
-
-@triton.jit
-def _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n0, end, qk_scale, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold cached rows c, k_pe (tokens n0 .. n0+BLOCK_N-1, only those < end when MASKED) into the online softmax."""
     if UPCAST:
         c = c.to(tl.float32)
         k_pe = k_pe.to(tl.float32)
     # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
     qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale          # (BH, BN)
     if MASKED:
-        qk = tl.where((n0 + tl.arange(0, BLOCK_N) < end)[None, :], qk, float("-inf"))
+        qk = tl.where(valid[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
     alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
     p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
@@ -111,7 +102,6 @@ def _mla_split_kernel(
     R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
-    PREFETCH: tl.constexpr,  # load tile i+1 by hand while tile i multiplies (num_stages 1)
     UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
     USE_PDL: tl.constexpr = False,   # launched early (PDL): wait for the kernel before first
 ):
@@ -143,22 +133,12 @@ def _mla_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
     bt_row = BlockTable + b * s_bt
-    if PREFETCH:
-        # the next tile's loads are issued before this tile's dots: Triton's pipeliner does not overlap
-        # loads whose addresses come from another load (the block table), so each tile waited a full
-        # memory latency (B=64: 1.2 TB/s whatever the stages, results/serve_probe/c64_h100_*.json)
-        c, k_pe = _load_tile(Cache, bt_row, s_cb, start, end, R, P, PAGE, BLOCK_N, True)
-        for n0 in range(start, end, BLOCK_N):
-            c_next, pe_next = _load_tile(Cache, bt_row, s_cb, n0 + BLOCK_N, end, R, P, PAGE, BLOCK_N, True)
-            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n0, end, qk_scale, BLOCK_N, True, UPCAST)
-            c, k_pe = c_next, pe_next
-    else:
-        for n0 in range(start, n_full, BLOCK_N):
-            c, k_pe = _load_tile(Cache, bt_row, s_cb, n0, end, R, P, PAGE, BLOCK_N, False)
-            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n0, end, qk_scale, BLOCK_N, False, UPCAST)
-        if n_full < end:
-            c, k_pe = _load_tile(Cache, bt_row, s_cb, n_full, end, R, P, PAGE, BLOCK_N, True)
-            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, c, k_pe, n_full, end, qk_scale, BLOCK_N, True, UPCAST)
+    for n0 in range(start, n_full, BLOCK_N):
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, False, UPCAST)
+    if n_full < end:
+        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
+                                     R, P, PAGE, BLOCK_N, True, UPCAST)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -315,8 +295,8 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     groups = triton.cdiv(H, BLOCK_H)
     capacity = block_table.shape[1] * page
     num_sms = _num_sms(q_lat.device)
-    # a large batch (64 rows x 16 heads, 640 tokens): one program an SM in 8 warps, with the tile loads issued by
-    # hand a tile ahead, 30.6 us a layer vs 34.1 for two an SM in 4 (results/serve_probe/c64_h100_1722c6d.json)
+    # a large batch (64 rows x 16 heads, 640 tokens): one program an SM in 8 warps, 31.1-31.3 us a layer vs 34.1-34.7
+    # for two an SM in 4 (results/serve_probe/c64_h100_7a7dc8c.json, c64_h100_1722c6d.json)
     wide = BLOCK_H <= 32 and 4 * B * groups >= num_sms and not INTERPRET
     if num_splits is None:
         num_splits = num_kv_splits(B, groups, capacity, num_sms, 1 if wide else PROGRAMS_PER_SM[BLOCK_H])
@@ -338,10 +318,10 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
             s_ob, s_oh, s_os, s_lb, s_lh, out.stride(0), out.stride(1))
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
-    bn, warps, stages = config or ((64, 8, 1) if wide and split_tokens >= 128 else
+    bn, warps, stages = config or ((64, 8, 2) if wide and split_tokens >= 128 else
                                    launch_config(BLOCK_H, split_tokens, INTERPRET or upcast))
     pdl = _pdl(q_lat)
-    _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct, PREFETCH=stages == 1,
+    _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
                             UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
     if partials and not direct:
         return o_part, lse

@@ -258,11 +258,11 @@ def causal_attention(q, k, v, scale, chunk=8192):
     """Naive-path attention. q (B, T, H, D), k (B, S, Hk, D), v (B, S, Hk, Dv), S >= T: query t sits at
     position S-T+t (the last T keys are its own chunk). Queries go in chunks so that a long prompt never
     holds a T x S score matrix. On CUDA, v is padded to D when narrower: the flash backend needs equal
-    widths (transformers does the same for FA2). Not at inference on Hopper, whose cuDNN backend takes
-    Dv < D (1b, 16 x 512: 0.085 vs 0.165 ms a layer padded, results/serve_probe/c64_h100_7a7dc8c.json)."""
+    widths (transformers does the same for FA2). Not when serving on Hopper (fast_inference): its cuDNN
+    backend takes Dv < D (1b, 16 x 512: 0.085 vs 0.165 ms a layer padded, results/serve_probe/c64_h100_7a7dc8c.json)."""
     B, T, H, D = q.shape
     S, Dv = k.shape[1], v.shape[-1]
-    if q.is_cuda and Dv < D and (torch.is_grad_enabled() or torch.cuda.get_device_capability(q.device)[0] < 9):
+    if q.is_cuda and Dv < D and not (fast_inference(q) and torch.cuda.get_device_capability(q.device)[0] >= 9):
         v = F.pad(v, (0, D - Dv))
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D)
     out = []

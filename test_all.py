@@ -521,8 +521,8 @@ def test_kernel_matches_float64(B, H, R, P, page, lens, dtype, splits):
 
 
 def test_kernel_fresh_inputs_and_splits_agree():
-    # same function on different random draws; neither the split count nor the tile loop (hand prefetch at
-    # num_stages 1, Triton's pipeline above) changes the result, also when the rows fill their tables exactly
+    # same function on different random draws; neither the split count nor the tile config (tiles wider and
+    # narrower than a page, 1 or 2 stages) changes the result, also when the rows fill their tables exactly
     for seed, spare in ((1, 1), (2, 0)):
         outs = [_kernel_case(2, 16, 64, 32, 16, [257, 90], torch.float16, seed, num_splits=s, config=c, spare=spare)
                 for s in (1, 5) for c in ((32, 4, 1), (32, 4, 2), (16, 4, 1))]
