@@ -70,7 +70,8 @@ class ServeConfig:
     max_num_seqs: int = 64              # running sequences (the decode batch)
     max_num_batched_tokens: int = 8192  # tokens one engine step may feed (decode + prefill chunks); 2048: 3x slower at 64 clients
     max_queue: int = 1024               # waiting requests; beyond this a request gets 503 + Retry-After
-    enforce_eager: bool = False         # decode without CUDA graphs (graphs: CUDA, MLA and a 16-bit cache only)
+    enforce_eager: bool = False         # no CUDA graphs (graphs: CUDA, MLA and a 16-bit cache only)
+    prefill_graph_tokens: int = 4096    # with CUDA graphs: prefills of up to this many tokens (rows x padded length) replay one; 0: off
     compile: bool = True                # with CUDA graphs: torch.compile the decode blocks first (fewer, fused kernels)
     fused_decode: bool = True           # with CUDA graphs: batch-1 decode through fused_decode (Triton, 8 kernels a layer)
     engine_process: bool = True         # the engine in its own process (False: a thread beside the HTTP event loop)
@@ -247,6 +248,11 @@ class Engine:
                            and self.dtype in (torch.bfloat16, torch.float16))
         self.buckets = sorted({min(2 ** i, cfg.max_num_seqs) for i in range(cfg.max_num_seqs.bit_length() + 1)})
         self.graphs, self.static, self.pool, self.rope = {}, None, None, None
+        # Small prefills replay graphs too: an eager 1b forward is ~1,000 launches, ~22 ms of host time on an H100
+        # whatever its size, so up to ~4k tokens the GPU mostly waits (results/serve_probe/prefill_host_h100_fc46f2d.json).
+        # A graph's shape is fixed: rows pad to a decode bucket, tokens to a power of two (the padding tokens sit
+        # after each prompt, so causal attention keeps them out of its logits), for whole prompts (cached length 0).
+        self.prefill_graphs = {}                                                 # (rows, tokens) -> (buffers, replay)
         # A replay pays a few microseconds per kernel however small, and an eager block is dozens of them (each
         # RMSNorm and RoPE is several elementwise ops): compiling fuses those (bench.py serve: 4.2 -> 2.3 ms, 1b).
         # The cache write and the attention kernel stay eager inside (model.py disables compile there);
@@ -350,10 +356,16 @@ class Engine:
         if sync:
             self._take_pending()
         groups = {}
-        for r, n in prefills:   # model.forward prefills rows of one cached length and one chunk length
-            groups.setdefault((r.num_computed, n), []).append(r)
-        for (_, n), rows in groups.items():
-            self._prefill(rows, n)
+        for r, n in prefills:   # eager, model.forward prefills rows of one cached length and one chunk length
+            n_pad = self._padded(r, n)
+            groups.setdefault(("graph", n_pad) if n_pad else (r.num_computed, n), []).append((r, n))
+        for (kind, n), items in groups.items():
+            if kind == "graph":
+                per = self.cfg.prefill_graph_tokens // n
+                for i in range(0, len(items), per):
+                    self._prefill_fixed(items[i:i + per], n)
+            else:
+                self._prefill(items)
         self._flush()
         return bool(decodes or prefills or self.waiting or self.pending)
 
@@ -387,7 +399,7 @@ class Engine:
             left = len(r.ids) - r.num_computed
             if left > 1 and budget > 0:
                 if left > budget and prefills:   # split only the step's first prompt: the rest go whole next
-                    break                        # step, one forward per prompt length (each costs ~40 ms to launch)
+                    break                        # step (an eager forward per prompt length costs ~22 ms to launch)
                 prefills.append((r, min(left, budget)))
                 budget -= prefills[-1][1]
         return decodes, prefills
@@ -480,8 +492,9 @@ class Engine:
 
     @torch.inference_mode()
     def capture_graphs(self, buckets=None):
-        """Static buffers, then each bucket's decode (a CUDA graph on CUDA). The server captures all buckets
-        before it opens (vLLM does too): a capture in the middle of serving stalls every running request."""
+        """Static buffers, then each bucket's decode (a CUDA graph on CUDA), then, when all buckets are asked
+        for, every prefill shape. The server captures them before it opens (vLLM does too): a capture in the
+        middle of serving stalls every running request."""
         if self.static is None:
             n = self.cfg.max_num_seqs
             W = self._blocks_for(self.cfg.max_model_len) if self.cfg.max_model_len else self.cfg.num_blocks
@@ -491,6 +504,12 @@ class Engine:
         for Bb in buckets or self.buckets:
             if Bb not in self.graphs:
                 self.graphs[Bb] = self._capture(Bb)
+        if buckets is None:
+            top = min(self.cfg.max_model_len or self.cfg.max_num_batched_tokens, self.cfg.max_num_batched_tokens)
+            for n in (64 << i for i in range(16)):
+                for Bb in self.buckets:
+                    if Bb * n <= self.cfg.prefill_graph_tokens and n < 2 * max(top, 64):
+                        self._capture_prefill(Bb, n)
 
     def _capture(self, Bb):
         """A function running the decode of the first Bb static rows and returning its logits (Bb, V)."""
@@ -509,28 +528,36 @@ class Engine:
 
             def run():
                 return fused_decode(self.model, st["idx"][:, 0], self.kv, st["table"], st["lens"], self.rope)
-        # a warm-up step first (Triton and torch.compile compile outside the capture): it writes the scratch block only
+        # the warm-up step writes the scratch block only
         st["table"].fill_(self.scratch)
         st["lens"].zero_()
+        while True:   # a failed compile must not take the server down: fused -> compiled -> eager blocks
+            try:
+                self._warm_up(run)
+                break
+            except Exception as e:
+                what = "the fused decode" if run is not blocks else "torch.compile of the decode"
+                if run is blocks:
+                    if self.layers is None:
+                        raise
+                    self.layers = None
+                print(f"serve.py: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); capturing "
+                      f"the {'compiled' if self.layers else 'eager'} blocks", file=sys.stderr, flush=True)
+                run = blocks
+                st["lens"].zero_()
+        return self._graph(run)
+
+    def _warm_up(self, run):
+        """One call on a side stream before a capture: Triton and torch.compile compile there, not in the graph."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            while True:   # a failed compile must not take the server down: fused -> compiled -> eager blocks
-                try:
-                    run()
-                    break
-                except Exception as e:
-                    what = "the fused decode" if run is not blocks else "torch.compile of the decode"
-                    if run is blocks:
-                        if self.layers is None:
-                            raise
-                        self.layers = None
-                    print(f"serve.py: {what} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); capturing "
-                          f"the {'compiled' if self.layers else 'eager'} blocks", file=sys.stderr, flush=True)
-                    run = blocks
-                    st["lens"].zero_()
+            run()
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.pool = self.pool or torch.cuda.graph_pool_handle()   # buckets share one memory pool
+
+    def _graph(self, run):
+        """run() captured as a CUDA graph; returns a function that replays it and returns run()'s output."""
+        self.pool = self.pool or torch.cuda.graph_pool_handle()   # all graphs share one memory pool
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             out = run()
@@ -540,18 +567,72 @@ class Engine:
             return out
         return replay
 
-    def _prefill(self, rows, n):
-        c = rows[0].num_computed
+    def _padded(self, r, n):
+        """The padded length when r's chunk of n tokens runs as a prefill graph, else None (eager)."""
+        if not (self.use_graphs and self.cfg.prefill_graph_tokens) or r.num_computed:
+            return None
+        n_pad = max(64, 1 << (n - 1).bit_length())
+        return n_pad if n_pad <= self.cfg.prefill_graph_tokens else None
+
+    def _capture_prefill(self, Bb, n):
+        """Buffers and a function prefilling Bb rows of n tokens from cached length 0: logits (Bb, n, V). A capture
+        that fails turns prefill graphs off (eager prefill still works), not the server."""
+        if (Bb, n) in self.prefill_graphs or not self.cfg.prefill_graph_tokens:
+            return
+        st = {"idx": torch.zeros(Bb, n, dtype=torch.long, device=self.device),                           # (Bb, n)
+              "table": torch.full((Bb, self._blocks_for(n)), self.scratch, dtype=torch.int32, device=self.device),
+              "lens": torch.zeros(Bb, dtype=torch.int32, device=self.device)}                            # (Bb,)
+
+        def run():
+            st["lens"].zero_()   # forward advances it: a replay starts from 0 again
+            return self.model(st["idx"], cache=M.Cache(self.kv, st["table"], st["lens"], start=0))
+        if self.device.type == "cuda":
+            try:
+                self._warm_up(run)   # all rows on the scratch block
+                run = self._graph(run)
+            except Exception as e:
+                print(f"serve.py: capturing a prefill of {Bb} x {n} failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:200]}); prefill stays eager", file=sys.stderr, flush=True)
+                self.cfg.prefill_graph_tokens = 0
+                return
+        self.prefill_graphs[Bb, n] = st, run
+
+    def _prefill(self, items):
+        """An eager forward over [(row, n)] of one cached length c and one chunk length n."""
+        rows, n, c = [r for r, _ in items], items[0][1], items[0][0].num_computed
         idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
         table = torch.tensor(self._table(rows, self._blocks_for(c + n)), dtype=torch.int32)
         cache = M.Cache(self.kv, table.to(self.device, non_blocking=True),
                         torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True), start=c)
-        logits = self.model(idx, cache=cache)[:, -1]                                                     # (B, V)
-        for r in rows:
+        self._prefilled(items, self.model(idx, cache=cache)[:, -1])                                     # (B, V)
+
+    def _prefill_fixed(self, items, n_pad):
+        """Whole prompts [(row, n)], n <= n_pad, as one replay of the (bucket rows, n_pad) prefill graph. Padding
+        tokens write past each prompt (slots that its decode overwrites before reading them) or, past its blocks,
+        into the scratch block; padding rows write only there."""
+        B = len(items)
+        Bb = next(b for b in self.buckets if b >= B)
+        self._capture_prefill(Bb, n_pad)
+        if (Bb, n_pad) not in self.prefill_graphs:   # the capture failed: eager from now on
+            for r, n in items:
+                self._prefill([(r, n)])
+            return
+        st, run = self.prefill_graphs[Bb, n_pad]
+        W = st["table"].shape[1]
+        idx = [r.ids[:n] + [0] * (n_pad - n) for r, n in items] + [[0] * n_pad] * (Bb - B)
+        table = self._table([r for r, _ in items], W, self.scratch) + [[self.scratch] * W] * (Bb - B)
+        st["idx"].copy_(torch.tensor(idx), non_blocking=True)
+        st["table"].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
+        last = torch.tensor([n - 1 for _, n in items], device=self.device)
+        self._prefilled(items, run()[torch.arange(B, device=self.device), last])                       # (B, V)
+
+    def _prefilled(self, items, logits):
+        """Advance the rows past their chunks; the rows whose prompt is now whole sample their first token."""
+        for r, n in items:
             r.num_computed += n
-        done = [i for i, r in enumerate(rows) if r.num_computed == len(r.ids)]
+        done = [i for i, (r, _) in enumerate(items) if r.num_computed == len(r.ids)]
         if done:
-            rows = [rows[i] for i in done]
+            rows = [items[i][0] for i in done]
             self._accept(rows, self._sample(rows, logits[done]).tolist())
 
     def _sample(self, rows, logits):

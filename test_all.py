@@ -1964,6 +1964,7 @@ def _serve_engine_check(fixed=False):
     assert all(r.finish_reason in ("stop", "length") for r in reqs)
     assert eng.num_preemptions > 0 and max_batch > 1
     assert (set(eng.graphs) <= set(eng.buckets) and len(eng.graphs) > 1) if fixed else not eng.graphs  # padding ran
+    assert bool(eng.prefill_graphs) == bool(fixed)   # first chunks through the padded prefill, later chunks eager
     assert sorted(eng.free) == list(range(cfg.num_blocks)) and not eng.running and not eng.waiting
     for i, (p, r) in enumerate(zip(prompts, reqs)):
         got = r.ids[len(p):]
@@ -1974,6 +1975,27 @@ def _serve_engine_check(fixed=False):
         assert sum((o.token_ids for o in told), []) == got and told[-1].finish_reason == r.finish_reason
         text = bytes(t for t in _strip_stop(got) if t < 256).decode("utf-8", "replace")
         assert "".join(o.text for o in told) == text
+
+
+@_needs_serve
+def test_serve_padded_prefill_matches_generate():
+    """Whole prompts of different lengths prefilled together on the path CUDA graphs replay (rows padded to a
+    bucket, tokens to a power of two; padding tokens write past each prompt or into the scratch block, padding
+    rows only there), run eagerly here: every greedy output must be model.generate's (float64)."""
+    torch.manual_seed(1)
+    model = M.Transformer(_serve_model_cfg()).double().eval()
+    cfg = serve.ServeConfig(page=16, num_blocks=56, max_model_len=384, max_num_seqs=8, max_num_batched_tokens=512)
+    eng = serve.Engine(model, cfg)
+    eng.use_graphs = True
+    prompts = _serve_prompts(7)   # 5, 42, 79, 19, 56, 93, 33 tokens
+    reqs = [eng.submit(p, serve.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for p in prompts]
+    while eng.step():
+        pass
+    # one forward of 5 prompts padded to 8 rows x 64 tokens, one of the 79- and 93-token prompts at 2 x 128
+    assert sorted(eng.prefill_graphs) == [(2, 128), (8, 64)]
+    assert sorted(eng.free) == list(range(cfg.num_blocks))
+    for p, r in zip(prompts, reqs):
+        assert r.ids[len(p):] == _reference_greedy(model, p, 12)
 
 
 @_needs_serve
