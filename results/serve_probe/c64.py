@@ -206,17 +206,23 @@ with torch.inference_mode():
         step = {}
         if ROWS <= 8:   # at 64 rows 6.05 vs 3.39 ms compiled (c64_h100_7a7dc8c.json)
             step["fused_ms"] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens, rope)), 4)
-        t0 = time.perf_counter()
-        layers = [torch.compile(b, dynamic=True) for b in model.layers]
-        cache = M.Cache(kv, table, lens.clone())
+        # env S_MODES: dynamic (the engine's: one compile for every bucket), static (this shape only), autotune
+        # (static + Inductor's max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape)
+        for mode in os.environ.get("S_MODES", "dynamic").split(","):
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            opts = {"dynamic": mode == "dynamic"} | ({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {})
+            layers = [torch.compile(b, **opts) for b in model.layers]
+            cache = M.Cache(kv, table, lens.clone())
 
-        def run():
-            cache.seq_lens.copy_(lens)
-            return model(idx[:, None], cache=cache, layers=layers)[:, -1]
-        step["compiled_ms"] = round(graph_ms(run), 4)
-        step["compile_s"] = round(time.perf_counter() - t0, 1)
-        print("step", ROWS, step, flush=True)
-        res["step"] = step
-        dump()
+            def run():
+                cache.seq_lens.copy_(lens)
+                return model(idx[:, None], cache=cache, layers=layers)[:, -1]
+            key = "compiled_ms" if mode == "dynamic" else f"compiled_{mode}_ms"
+            step[key] = round(graph_ms(run), 4)
+            step[key.replace("_ms", "_s")] = round(time.perf_counter() - t0, 1)
+            print("step", ROWS, step, flush=True)
+            res["step"] = step
+            dump()
 dump()
 print("done", flush=True)

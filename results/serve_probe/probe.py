@@ -113,18 +113,18 @@ if "B" in PARTS:
         """timers=False: no per-phase timing (its syncs stop decode from running ahead of the host): wall only."""
         eng.cfg.max_num_batched_tokens = budget
         times = {"decode": [], "prefill": [], "step": []}
-        dec, pre = eng._decode, eng._prefill
+        dec, pre, pre_fixed = eng._decode, eng._prefill, eng._prefill_fixed
 
-        def timed(f, key):
+        def timed(f, key):   # (seconds, rows, tokens) a call; prefill gets [(request, chunk length)]
             def g(*a):
                 t = time.perf_counter()
                 out = f(*a)
                 sync()
-                times[key].append((time.perf_counter() - t, len(a[0]), a[1] if key == "prefill" else 1))
+                times[key].append((time.perf_counter() - t, len(a[0]), sum(n for _, n in a[0]) if key == "prefill" else 1))
                 return out
             return g
         if timers:
-            eng._decode, eng._prefill = timed(dec, "decode"), timed(pre, "prefill")
+            eng._decode, eng._prefill, eng._prefill_fixed = timed(dec, "decode"), timed(pre, "prefill"), timed(pre_fixed, "prefill")
         sp = serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True)
         done, sent, reqs = [], 0, []
         t0 = time.perf_counter()
@@ -142,14 +142,14 @@ if "B" in PARTS:
                     reqs.append(eng.submit(prompts[sent % N], sp))
                     sent += 1
         wall = time.perf_counter() - t0
-        eng._decode, eng._prefill = dec, pre
+        eng._decode, eng._prefill, eng._prefill_fixed = dec, pre, pre_fixed
         gen = sum(r.num_generated for r in done)
         d64 = sorted(t for t, b, _ in times["decode"] if b == C)
         out = {"budget": budget, "wall_s": round(wall, 3), "tok_s": round(gen / wall, 1), "steps": len(times["step"]),
                "decode_calls": len(times["decode"]), "decode_s": round(sum(t for t, _, _ in times["decode"]), 3),
                "decode64_ms_p50": round(1e3 * d64[len(d64) // 2], 3) if d64 else None,
                "prefill_calls": len(times["prefill"]), "prefill_s": round(sum(t for t, _, _ in times["prefill"]), 3),
-               "prefill_tokens_per_call": round(sum(b * n for _, b, n in times["prefill"]) / max(1, len(times["prefill"])), 1),
+               "prefill_tokens_per_call": round(sum(n for _, _, n in times["prefill"]) / max(1, len(times["prefill"])), 1),
                "step_s": round(sum(times["step"]), 3), "ttft_ms_p50": bench.pct([r.first_token - r.arrival for r in done], 50),
                "ttft_ms_p99": bench.pct([r.first_token - r.arrival for r in done], 99)}
         out["other_s"] = round(out["step_s"] - out["decode_s"] - out["prefill_s"], 3)
