@@ -864,7 +864,7 @@ class EngineClient:
                 if not self.proc.is_alive():
                     sys.exit(self.proc.exitcode or 1)
         _, cfg, self.vocab_size, info = msg
-        for k in ("ckpt", "served_model_name", "num_blocks", "max_model_len"):   # resolved there
+        for k in ("ckpt", "served_model_name", "num_blocks", "max_model_len", "prefill_graph_tokens"):   # resolved there
             setattr(self.cfg, k, getattr(cfg, k))
         return info
 
@@ -1327,7 +1327,7 @@ def parse_args(argv):
     for k in ("page", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
         if getattr(cfg, k) < 1:
             die(f"--{k}={getattr(cfg, k)}: must be >= 1")
-    for k in ("num_blocks", "kv_cache_tokens", "max_model_len", "drain_timeout", "threads"):
+    for k in ("num_blocks", "kv_cache_tokens", "max_model_len", "drain_timeout", "threads", "prefill_graph_tokens"):
         if getattr(cfg, k) < 0:
             die(f"--{k}={getattr(cfg, k)}: must be >= 0")
     if cfg.max_num_batched_tokens < cfg.max_num_seqs:
@@ -1440,7 +1440,9 @@ def main(argv):
     engine.metrics = metrics = Metrics(cfg.served_model_name)
     if graphs:
         print(f"serve.py: decode graphs for every batch bucket up to {cfg.max_num_seqs} "
-              f"({'compiled' if compiled else 'eager'} blocks) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+              f"({'compiled' if compiled else 'eager'} blocks)"
+              f"{f', prefill graphs up to {cfg.prefill_graph_tokens} tokens' if cfg.prefill_graph_tokens else ''} "
+              f"in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     app = build_app(engine, cfg, metrics)
     print(f"serve.py: {cfg.served_model_name} ({n_params / 1e6:.2f}M non-embedding params) on {device} "
           f"{str(dtype).removeprefix('torch.')}; kv cache {cfg.num_blocks} blocks x {cfg.page} tokens "
