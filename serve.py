@@ -13,8 +13,8 @@ The engine, in one paragraph (vLLM's scheduler, gpt-fast's static buffers): one 
 (layers, num_blocks, page, width) is allocated at start. A request is admitted (FCFS) when the
 free blocks hold its whole prompt; each step then runs ONE batched decode forward (T=1, ragged
 seq_lens, absorbed MLA: mla_kernel on CUDA) for every running sequence, and spends what is left
-of the token budget on prefill chunks (rows grouped by equal cached length, as model.forward
-needs). A sequence that needs a new block when none is free preempts the newest running one
+of the token budget on prefill chunks (whole prompts of up to 4k tokens padded into a CUDA graph's
+fixed shape, the rest grouped by equal cached length, as model.forward needs). A sequence that needs a new block when none is free preempts the newest running one
 (vLLM's recompute: its blocks are freed, it re-queues at the front with prompt + output so far).
 Blocks go back when a sequence finishes or its client goes away. The engine steps in its own
 process (vLLM's split of API server and engine core: no GIL shared with the event loop); the HTTP
