@@ -14,9 +14,9 @@ The engine, in one paragraph (vLLM's scheduler, gpt-fast's static buffers): one 
 free blocks hold its whole prompt; each step then runs ONE batched decode forward (T=1, ragged
 seq_lens, absorbed MLA: mla_kernel on CUDA) for every running sequence, and spends what is left
 of the token budget on prefill chunks (whole prompts of up to 4k tokens padded into a CUDA graph's
-fixed shape, the rest grouped by equal cached length, as model.forward needs). A sequence that needs a new block when none is free preempts the newest running one
-(vLLM's recompute: its blocks are freed, it re-queues at the front with prompt + output so far).
-Blocks go back when a sequence finishes or its client goes away. The engine steps in its own
+fixed shape, the rest grouped by equal cached length, as model.forward needs). A sequence that
+needs a new block when none is free preempts the newest running one (vLLM's recompute: its blocks
+are freed, it re-queues at the front with prompt + output so far). Blocks go back when a sequence finishes or its client goes away. The engine steps in its own
 process (vLLM's split of API server and engine core: no GIL shared with the event loop); the HTTP
 handlers never touch the model: they submit requests over a queue and read outputs from an
 asyncio.Queue that a reader thread fills (loop.call_soon_threadsafe), so a slow client never stalls decoding.
@@ -248,8 +248,8 @@ class Engine:
                            and self.dtype in (torch.bfloat16, torch.float16))
         self.buckets = sorted({min(2 ** i, cfg.max_num_seqs) for i in range(cfg.max_num_seqs.bit_length() + 1)})
         self.graphs, self.static, self.pool, self.rope = {}, None, None, None
-        # Small prefills replay graphs too: an eager 1b forward is ~1,000 launches, ~22 ms of host time on an H100
-        # whatever its size, so up to ~4k tokens the GPU mostly waits (results/serve_probe/prefill_host_h100_fc46f2d.json).
+        # Small prefills replay graphs too: an eager 1b forward is ~1,000 launches, ~22 ms of host time on an
+        # H100 whatever its size, so up to ~4k tokens the GPU mostly waits (serve_probe/prefill_host_h100_fc46f2d.json).
         # A graph's shape is fixed: rows pad to a decode bucket, tokens to a power of two (the padding tokens sit
         # after each prompt, so causal attention keeps them out of its logits), for whole prompts (cached length 0).
         self.prefill_graphs = {}                                                 # (rows, tokens) -> (buffers, replay)
@@ -356,7 +356,7 @@ class Engine:
         if sync:
             self._take_pending()
         groups = {}
-        for r, n in prefills:   # eager, model.forward prefills rows of one cached length and one chunk length
+        for r, n in prefills:   # a graph per padded length; eager, rows of one cached length and one chunk length
             n_pad = self._padded(r, n)
             groups.setdefault(("graph", n_pad) if n_pad else (r.num_computed, n), []).append((r, n))
         for (kind, n), items in groups.items():
