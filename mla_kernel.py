@@ -90,16 +90,16 @@ def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_sc
         p = tl.exp2(qk - m_new[None, :])
         l_i = l_i * alpha + tl.sum(p, 0)
         acc = tl.dot(tl.trans(c), p.to(c.dtype), acc * alpha[None, :])                # (R, BH)
-        return acc, m_new, l_i
-    # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
-    qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale          # (BH, BN)
-    if MASKED:
-        qk = tl.where(valid[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
-    alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
-    p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                               # (BH, R)
+    else:
+        # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
+        qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale      # (BH, BN)
+        if MASKED:
+            qk = tl.where(valid[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
+        alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
+        p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                           # (BH, R)
     return acc, m_new, l_i
 
 
@@ -301,6 +301,9 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     once outside the capture: Triton JIT-compiles on the first call of each shape class).
     partials: with several splits, skip the merge and return (o_part (B,H,S,R) fp32, lse (B,H,S)) for
     merge_uv, which merges them inside the W_UV product (one kernel fewer).
+    trans: scores as tokens x heads, so each dot's M is BLOCK_N or R instead of the 16 heads of a group: for
+    sm_90 Triton then emits wgmma, where the default layout gets mma.sync (checked in the TTGIR, Triton 3.9).
+    Same results (tested); not yet timed on a GPU, so off by default (results/gpu_log.md row 74).
     """
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     B, H, R = q_lat.shape
