@@ -16,8 +16,9 @@ seq_lens, absorbed MLA: mla_kernel on CUDA) for every running sequence, and spen
 of the token budget on prefill chunks (whole prompts of up to 4k tokens padded into a CUDA graph's
 fixed shape, the rest grouped by equal cached length, as model.forward needs). A sequence that
 needs a new block when none is free preempts the newest running one (vLLM's recompute: its blocks
-are freed, it re-queues at the front with prompt + output so far). Blocks go back when a sequence finishes or its client goes away. The engine steps in its own
-process (vLLM's split of API server and engine core: no GIL shared with the event loop); the HTTP
+are freed, it re-queues at the front with prompt + output so far). Blocks go back when a sequence
+finishes or its client goes away. The engine steps in its own process (vLLM's split of API server
+and engine core: no GIL shared with the event loop); the HTTP
 handlers never touch the model: they submit requests over a queue and read outputs from an
 asyncio.Queue that a reader thread fills (loop.call_soon_threadsafe), so a slow client never stalls decoding.
 """
@@ -217,6 +218,11 @@ def fused_decode(model, idx, kv, table, lens, rope):
         fused_linear(g, mlp.down_proj.weight, out=h, residual=h)               # h += W_down g
     out = torch.empty(B, cfg.vocab_size, device=h.device, dtype=torch.float32)
     return fused_linear(h, model.lm_head.weight, out=out, norm=model.norm.weight, eps=model.norm.eps)
+
+
+def pad_tokens(n):
+    """A prefill graph's token length for a chunk of n: the next power of two, at least 64."""
+    return max(64, 1 << (n - 1).bit_length())
 
 
 def fused_fits(cfg):
@@ -504,11 +510,11 @@ class Engine:
         for Bb in buckets or self.buckets:
             if Bb not in self.graphs:
                 self.graphs[Bb] = self._capture(Bb)
-        if buckets is None:
+        if buckets is None:   # every padded length a chunk can have, at every row bucket that fits
             top = min(self.cfg.max_model_len or self.cfg.max_num_batched_tokens, self.cfg.max_num_batched_tokens)
-            for n in (64 << i for i in range(16)):
+            for n in sorted({pad_tokens(k) for k in range(1, top + 1)}):
                 for Bb in self.buckets:
-                    if Bb * n <= self.cfg.prefill_graph_tokens and n < 2 * max(top, 64):
+                    if Bb * n <= self.cfg.prefill_graph_tokens:
                         self._capture_prefill(Bb, n)
 
     def _capture(self, Bb):
@@ -571,7 +577,7 @@ class Engine:
         """The padded length when r's chunk of n tokens runs as a prefill graph, else None (eager)."""
         if not (self.use_graphs and self.cfg.prefill_graph_tokens) or r.num_computed:
             return None
-        n_pad = max(64, 1 << (n - 1).bit_length())
+        n_pad = pad_tokens(n)
         return n_pad if n_pad <= self.cfg.prefill_graph_tokens else None
 
     def _capture_prefill(self, Bb, n):
