@@ -177,16 +177,17 @@ def fast_inference(x):
             and not torch.compiler.is_compiling())
 
 
-def apply_rope(x, cos, sin):
+def apply_rope(x, cos, sin, out=None):
     """DeepSeek's interleaved RoPE: pairs (x[2i], x[2i+1]) are complex numbers rotated by angle i.
-    x (B, T, H, D), cos/sin (B, T, D/2). Not Llama's rotate_half."""
+    x (B, T, H, D), cos/sin (B, T, D/2). Not Llama's rotate_half. out: where to write (x itself: in place)."""
     if fast_inference(x):
         from mla_kernel import rope
-        return rope(x, cos, sin)
+        return rope(x, cos, sin, out=out)
     xf = x.float() if x.dtype != torch.float64 else x
     re, im = xf[..., 0::2], xf[..., 1::2]
     c, s = cos[:, :, None].to(xf.dtype), sin[:, :, None].to(xf.dtype)
-    return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
+    y = torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(x.dtype)
+    return y if out is None else out.copy_(y)
 
 
 # ----------------------------------------------------------------------------- paged cache
@@ -195,7 +196,7 @@ class Cache:
     """Paged cache for all layers (vLLM's paging, gpt-fast's static buffers).
     kv (layers, num_blocks, page, width): MLA rows are [c (R) | roped k_pe (P)], MHA rows [K | V].
     Row b's token i lives in block block_table[b, i // page], slot i % page. forward() appends
-    the new tokens at seq_lens and then advances seq_lens."""
+    the new tokens at seq_lens and advances seq_lens before its layers run."""
     kv: torch.Tensor           # (L, num_blocks, page, width)
     block_table: torch.Tensor  # (B, max_pages) int32
     seq_lens: torch.Tensor     # (B,) int32
@@ -227,6 +228,9 @@ def cache_slots(block_table, seq_lens, T, page):
 @torch.compiler.disable   # in place into the (huge) pool: torch.compile (serve.py's decode) must not functionalise it
 def cache_write(kv, slots, rows):
     """Write rows (B, T, W) into one layer's kv (N, page, W) at slots (B, T) from cache_slots."""
+    if kv.is_cuda:   # one Triton kernel: PyTorch's index_put is ~2x slower at a decode step's 64 rows
+        from mla_kernel import write_rows
+        return write_rows(kv, slots, rows)
     kv.view(-1, kv.shape[-1])[slots] = rows.to(kv.dtype)
 
 
@@ -309,22 +313,24 @@ class MLA(nn.Module):
         if cfg.q_lora_rank is not None:
             q = self.q_b_proj(self.q_a_layernorm(q))                         # (B, T, H * (nope + P))
         q = q.view(B, T, H, nope + P)
-        q[..., nope:] = apply_rope(q[..., nope:], cos, sin)   # in place: the naive path attends with q whole
-        q_nope, q_pe = q.split([nope, P], dim=-1)                             # (B, T, H, nope), (B, T, H, P)
+        q_nope, q_pe = q[..., :nope], q[..., nope:]      # slices, not split()'s views: q_pe may be roped in place
+        decode = cache is not None and T == 1
+        # roped in place, except in decode: the naive path attends with q whole; decode's roped copy is one
+        # kernel with W_UK's input under torch.compile (the copy back into q was a kernel of its own)
+        q_pe = apply_rope(q_pe, cos, sin, out=None if decode else q_pe)
         c, k_pe = ckv.split([R, P], dim=-1)                                  # (B, T, R), (B, T, P)
         c = self.kv_a_layernorm(c)                                           # RMSNorm on the latent only
         k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]                # one rope key for all heads
         w = self.kv_b_proj.weight.view(H, nope + dv, R)                       # per head [W_UK; W_UV]
-        if cache is not None:
-            kv = cache.kv[layer]
-            cache_write(kv, cache.slots, torch.cat([c, k_pe], dim=-1))
-            if T == 1:  # absorbed decode: never decompress the cache
-                q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, :nope])            # W_UK^T q^C
-                o_lat = latent_attention(q_lat, q_pe[:, 0], kv, cache.block_table, cache.seq_lens + 1, scale)
-                o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:])                       # W_UV o_lat
-                return self.o_proj(o.reshape(B, 1, H * dv))
-            # prefill chunk: attend to everything cached so far (rows share one length here)
-            c, k_pe = cache_read(kv, cache.block_table, cache.start + T).split([R, P], dim=-1)
+        if decode:  # absorbed decode: never decompress the cache
+            q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, :nope])                # W_UK^T q^C
+            cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
+            o_lat = latent_attention(q_lat, q_pe[:, 0], cache.kv[layer], cache.block_table, cache.seq_lens, scale)
+            o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:])                           # W_UV o_lat
+            return self.o_proj(o.reshape(B, 1, H * dv))
+        if cache is not None:  # prefill chunk: attend to everything cached so far (rows share one length here)
+            cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
+            c, k_pe = cache_read(cache.kv[layer], cache.block_table, cache.start + T).split([R, P], dim=-1)
         # naive path: decompress the latent into per-head keys and values
         k_nope, v = torch.einsum("bsr,hdr->bshd", c, w).split([nope, dv], dim=-1)    # (B, S, H, nope|dv)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)      # (B, S, H, nope+P)
@@ -355,8 +361,8 @@ class MHA(nn.Module):
             kv = cache.kv[layer]
             cache_write(kv, cache.slots, torch.cat([k, v], dim=2).flatten(2))
             if T == 1:  # rows may have different lengths: mask per row
-                kvs = cache_read(kv, cache.block_table, int(cache.seq_lens.max()) + 1)
-                valid = torch.arange(kvs.shape[1], device=x.device) <= cache.seq_lens[:, None]
+                kvs = cache_read(kv, cache.block_table, int(cache.seq_lens.max()))
+                valid = torch.arange(kvs.shape[1], device=x.device) < cache.seq_lens[:, None]
                 k, v = kvs.masked_fill(~valid[..., None], 0).view(B, -1, 2 * Hk, D).split([Hk, Hk], dim=2)
                 y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                    attn_mask=valid[:, None, None], scale=scale,
@@ -468,11 +474,12 @@ class Transformer(nn.Module):
             if bool((cache.seq_lens != cache.seq_lens[0]).any()):
                 raise ValueError("a prefill chunk needs rows of one cached length; decode (T == 1) may be ragged")
             cache.start = int(cache.seq_lens[0])
-        if cache is not None:
-            cache.slots = cache_slots(cache.block_table, cache.seq_lens, T, cache.kv.shape[2])
         if pos is None:
             start = cache.seq_lens[:, None].long() if cache is not None else 0
             pos = start + torch.arange(T, device=idx.device)[None].expand(B, T)
+        if cache is not None:   # the layers see the lengths with this forward's tokens in (one add, not one a layer)
+            cache.slots = cache_slots(cache.block_table, cache.seq_lens, T, cache.kv.shape[2])
+            cache.seq_lens += T
         inv_freq = self.inv_freq.double() if self.lm_head.weight.dtype == torch.float64 else self.inv_freq
         cos, sin = rope_cos_sin(inv_freq, pos)
         x = self.embed_tokens(idx)
@@ -480,7 +487,6 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, self.softmax_scale, cache, i)
         logits = self.lm_head(self.norm(x))                                   # (B, T, V)
         if cache is not None:
-            cache.seq_lens += T
             cache.start = None
         if targets is None:
             return logits

@@ -608,12 +608,25 @@ def test_rope_and_swiglu_kernels_match_float64():
     mla_kernel.rope(x, cos, sin, out=x)                                     # in place, neighbours untouched
     assert _rel_err(x, want) < 1e-2
     assert torch.equal(base[..., :8], before[..., :8]) and torch.equal(base[..., 24:], before[..., 24:])
-    x6 = torch.randn(2, 3, 5, 12, generator=g)                             # D/2 = 6: not a power of two
-    c6, s6 = M.rope_cos_sin(1.0 / 1e4 ** (torch.arange(0, 12, 2) / 12), torch.arange(3)[None].expand(2, 3))
+    x6 = torch.randn(2, 37, 5, 12, generator=g)    # D/2 = 6: not a power of two; token blocks of 8 straddle the rows
+    c6, s6 = M.rope_cos_sin(1.0 / 1e4 ** (torch.arange(0, 12, 2) / 12), torch.arange(37)[None].expand(2, 37))
     assert _rel_err(mla_kernel.rope(x6, c6, s6), M.apply_rope(x6.double(), c6.double(), s6.double())) < 1e-6
     gu = torch.randn(3, 5, 2 * 1100, generator=g)                          # N = 1100: two blocks, the second ragged
     gate, up = gu.double().chunk(2, -1)
     assert _rel_err(mla_kernel.swiglu(gu), gate * torch.sigmoid(gate) * up) < 1e-6
+
+
+def test_write_rows_kernel_matches_index_put():
+    # model.cache_write's CUDA kernel == its PyTorch index_put: rows land at their slots, every other slot keeps
+    # its bytes; W = 40 is not a power of two. (bf16 rows, as serving's: the interpreter truncates fp32 -> bf16.)
+    g = torch.Generator().manual_seed(6)
+    kv = torch.randn(6, 4, 40, generator=g).bfloat16()
+    slots = torch.randperm(24, generator=g)[:10].view(2, 5)
+    rows = torch.randn(2, 5, 40, generator=g).bfloat16()
+    want = kv.clone()
+    want.view(-1, 40)[slots] = rows
+    mla_kernel.write_rows(kv, slots, rows)
+    assert torch.equal(kv, want)
 
 
 def test_merge_uv_matches_float64():
@@ -1469,7 +1482,7 @@ def test_dpo_cli_steps_raise_margins_reference_once(tmp_path, monkeypatch):
     forward = M.Transformer.forward
 
     def counted(self, *a, **kw):
-        calls.append((id(self), torch.is_grad_enabled()))
+        calls.append((self, torch.is_grad_enabled()))   # the model itself: a freed model's id() can come back
         return forward(self, *a, **kw)
     monkeypatch.setattr(M.Transformer, "forward", counted)
     out = tmp_path / "run"
@@ -1477,7 +1490,7 @@ def test_dpo_cli_steps_raise_margins_reference_once(tmp_path, monkeypatch):
     ref_calls, train_calls = [c for c in calls if not c[1]], [c for c in calls if c[1]]
     assert len(ref_calls) == 2                          # 4 pairs / --ref_batch_size=2, once
     assert len(train_calls) == 8                        # one concatenated forward per step: no reference in there
-    assert len({c[0] for c in train_calls}) == 1 and not {c[0] for c in ref_calls} & {c[0] for c in train_calls}
+    assert len({id(c[0]) for c in train_calls}) == 1 and not {id(c[0]) for c in ref_calls} & {id(c[0]) for c in train_calls}
     log = [_dpo_json.loads(ln) for ln in open(out / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 9))
     for r in log:

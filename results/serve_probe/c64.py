@@ -4,6 +4,7 @@
 #  A. the attention at 64 rows, 512-640 cached tokens (the bench's), capacity 640: KV splits x tile configs;
 #  P. one prefill forward of 16 x 512 (the engine's 8192-token chunk; env PREFILL_B=1,8,16 for others): this tree's model.py vs the one carried in
 #     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
+#  U. the attention + W_UV at 64 rows: merge kernel + einsum vs mla_kernel.merge_uv;
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
 import importlib.util
@@ -64,6 +65,18 @@ def try_ms(fn):
         return round(graph_ms(fn) * 1000 / L, 2)
     except Exception as e:  # a config that does not compile (shared memory, registers)
         return f"{type(e).__name__}: {str(e)[:80]}"
+
+
+def old_model():
+    """.old/model_old.py (with .old/mla_kernel_old.py, when there) holding this model's weights."""
+    sys.path.insert(0, os.path.join(ROOT, ".old"))
+    spec = importlib.util.spec_from_file_location("model_old", os.path.join(ROOT, ".old", "model_old.py"))
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    with torch.device(dev):
+        om = old.Transformer(old.PRESETS["1b"])
+    om.load_state_dict(model.state_dict(), strict=False)
+    return old, old.fuse_projections(om.to(dt).eval().requires_grad_(False))
 
 
 def state(B, lo=512, hi=640, cap=640):
@@ -144,6 +157,23 @@ with torch.inference_mode():
             res["attention"][B] = att
             dump()
 
+    if "U" in PARTS:   # the attention + W_UV at ROWS rows: merge kernel + einsum (the engine's) vs merge_uv (fused_decode's)
+        kv, table, lens = state(ROWS)
+        ql = torch.randn(ROWS, H, R, device=dev, dtype=dt)
+        qp = torch.randn(ROWS, H, P, device=dev, dtype=dt)
+        wuv = [lay[l].self_attn.kv_b_proj.weight.view(H, nope + dv, R)[:, nope:] for l in range(L)]
+        sep = lambda l: torch.einsum("bhr,hvr->bhv", K.mla_decode(ql, qp, kv[l], table, lens, 0.1), wuv[l]).reshape(ROWS, -1)  # noqa: E731
+
+        def fused(l):
+            o = K.mla_decode(ql, qp, kv[l], table, lens, 0.1, partials=True)
+            return K.merge_uv(*o, wuv[l], dt) if isinstance(o, tuple) else None
+        uv = {"separate_us": try_ms(lambda: [sep(l) for l in range(L)]),
+              "merge_uv_us": try_ms(lambda: [fused(l) for l in range(L)]) if fused(0) is not None else "one split: no partials",
+              "max_diff": (sep(0).float() - fused(0).float()).abs().max().item() if fused(0) is not None else None}
+        print("attention + W_UV", ROWS, uv, flush=True)
+        res["uv"] = uv
+        dump()
+
     if "P" in PARTS:
         pre = {}
         B, T = 16, 512
@@ -169,13 +199,7 @@ with torch.inference_mode():
             plain()
             torch.cuda.synchronize()
         pre["sdpa_dv128_kernels"] = sorted({e.key[:90] for e in prof.key_averages()})
-        spec = importlib.util.spec_from_file_location("model_old", os.path.join(ROOT, ".old", "model_old.py"))
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
-        with torch.device(dev):
-            om = old.Transformer(old.PRESETS["1b"])
-        om.load_state_dict(model.state_dict(), strict=False)
-        om = old.fuse_projections(om.to(dt).eval().requires_grad_(False))
+        old, om = old_model()
         for B in [int(b) for b in os.environ.get("PREFILL_B", "16").split(",")]:   # B x 512-token prompts
             sfx = "" if B == 16 else f"_B{B}"   # (the first runs had B=16 only, unsuffixed)
             idx = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
@@ -211,20 +235,35 @@ with torch.inference_mode():
             step["fused_ms"] = round(graph_ms(lambda: serve.fused_decode(model, idx, kv, table, lens, rope)), 4)
         # env S_MODES: dynamic (the engine's: one compile for every bucket), static (this shape only), autotune
         # (static + Inductor's max-autotune: Triton GEMM templates benchmarked against cuBLAS per shape)
-        for mode in os.environ.get("S_MODES", "dynamic").split(","):
+        # env S_OLD=1: also .old/model_old.py's step (mode "old": dynamic, as the engine), and the two steps' logits
+        logits = {}
+        for mode in os.environ.get("S_MODES", "dynamic").split(",") + (["old"] if os.environ.get("S_OLD") else []):
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            opts = {"dynamic": mode == "dynamic"} | ({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {})
-            layers = [torch.compile(b, **opts) for b in model.layers]
-            cache = M.Cache(kv, table, lens.clone())
+            opts = {"dynamic": mode in ("dynamic", "old")} | ({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {})
+            mod, m = (M, model) if mode != "old" else old_model()
+            layers = [torch.compile(b, **opts) for b in m.layers]
+            cache = mod.Cache(kv, table, lens.clone())
 
             def run():
                 cache.seq_lens.copy_(lens)
-                return model(idx[:, None], cache=cache, layers=layers)[:, -1]
+                return m(idx[:, None], cache=cache, layers=layers)[:, -1]
             key = "compiled_ms" if mode == "dynamic" else f"compiled_{mode}_ms"
             step[key] = round(graph_ms(run), 4)
             step[key.replace("_ms", "_s")] = round(time.perf_counter() - t0, 1)
-            print("step", ROWS, step, flush=True)
+            kv0 = kv.clone()
+            logits[mode] = run().float()
+            kv.copy_(kv0)   # the step wrote its rows: the next mode starts from the same cache
+            if mode != "dynamic" and "dynamic" in logits:
+                step[f"{mode}_vs_dynamic_max_logit_diff"] = round((logits[mode] - logits["dynamic"]).abs().max().item(), 4)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                run()
+                torch.cuda.synchronize()
+            ks = [(e.key[:100], e.count, round(e.device_time_total, 1)) for e in prof.key_averages() if e.device_time_total > 0]
+            step[f"{mode}_kernels"] = sorted(ks, key=lambda k: -k[2])[:30]
+            step[f"{mode}_kernel_count"] = sum(k[1] for k in ks)
+            kv.copy_(kv0)
+            print("step", ROWS, {k: v for k, v in step.items() if not k.endswith("_kernels")}, flush=True)
             res["step"] = step
             dump()
 dump()
