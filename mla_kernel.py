@@ -51,9 +51,8 @@ def _pdl(t):
 @triton.jit
 def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
                  R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr, TRANS: tl.constexpr = False):
-    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax.
-    TRANS: scores as tokens x heads and acc as (R, BH), so that each dot's M is BLOCK_N or R, not BLOCK_H."""
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
     W: tl.constexpr = R + P
     offs_t = tl.arange(0, BLOCK_N)
     if BLOCK_N <= PAGE:
@@ -81,25 +80,15 @@ def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_sc
     if UPCAST:
         c = c.to(tl.float32)
         k_pe = k_pe.to(tl.float32)
-    if TRANS:
-        qk = tl.dot(k_pe, tl.trans(q_pe), tl.dot(c, tl.trans(q_lat))) * qk_scale      # (BN, BH)
-        if MASKED:
-            qk = tl.where(valid[:, None], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = tl.dot(tl.trans(c), p.to(c.dtype), acc * alpha[None, :])                # (R, BH)
-    else:
-        # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
-        qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale      # (BH, BN)
-        if MASKED:
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
-        alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
-        p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                           # (BH, R)
+    # on the GPU both dots take bf16/fp16 operands and accumulate in fp32 on the tensor cores
+    qk = tl.dot(q_pe, tl.trans(k_pe), tl.dot(q_lat, tl.trans(c))) * qk_scale      # (BH, BN)
+    if MASKED:
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))      # finite: every tile holds >= 1 valid token
+    alpha = tl.exp2(m_i - m_new)                 # rescales what came before (0 on the first tile)
+    p = tl.exp2(qk - m_new[:, None])             # (BH, BN)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(c.dtype), c, acc * alpha[:, None])                           # (BH, R)
     return acc, m_new, l_i
 
 
@@ -115,7 +104,6 @@ def _mla_split_kernel(
     DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
     UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
     USE_PDL: tl.constexpr = False,   # launched early (PDL): wait for the kernel before first
-    TRANS: tl.constexpr = False,     # _attend_tile's tokens x heads layout
 ):
     g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together (L2)
     b = tl.program_id(1)
@@ -143,22 +131,17 @@ def _mla_split_kernel(
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of scores (base-2 units)
     l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
-    if TRANS:
-        acc = tl.zeros([R, BLOCK_H], tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_H, R], tl.float32)         # running sum of p . c
+    acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
     bt_row = BlockTable + b * s_bt
     for n0 in range(start, n_full, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
-                                     R, P, PAGE, BLOCK_N, False, UPCAST, TRANS)
+                                     R, P, PAGE, BLOCK_N, False, UPCAST)
     if n_full < end:
         acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
-                                     R, P, PAGE, BLOCK_N, True, UPCAST, TRANS)
+                                     R, P, PAGE, BLOCK_N, True, UPCAST)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    if TRANS:
-        acc = tl.trans(acc)
     o = acc / l_safe[:, None]
     if DIRECT:
         tl.store(Out + b * s_outb + heads[:, None] * s_outh + offs_r[None, :],
@@ -289,7 +272,7 @@ def _check(q_lat, q_pe, cache, block_table, seq_lens):
 
 
 def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, num_splits=None, config=None,
-               partials=False, trans=False):
+               partials=False):
     """One MLA decode step over a paged latent cache. Returns o_lat (B, H, R) in q_lat's dtype.
 
     q_lat (B,H,R), q_pe (B,H,P): queries, already absorbed / roped. cache (num_blocks, page, R+P):
@@ -301,9 +284,6 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     once outside the capture: Triton JIT-compiles on the first call of each shape class).
     partials: with several splits, skip the merge and return (o_part (B,H,S,R) fp32, lse (B,H,S)) for
     merge_uv, which merges them inside the W_UV product (one kernel fewer).
-    trans: scores as tokens x heads, so each dot's M is BLOCK_N or R instead of the 16 heads of a group: for
-    sm_90 Triton then emits wgmma, where the default layout gets mma.sync (checked in the TTGIR, Triton 3.9).
-    Same results (tested); not yet timed on a GPU, so off by default (results/gpu_log.md row 74).
     """
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     B, H, R = q_lat.shape
@@ -342,7 +322,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
                                    launch_config(BLOCK_H, split_tokens, INTERPRET or upcast))
     pdl = _pdl(q_lat)
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
-                            UPCAST=upcast, TRANS=trans, num_warps=warps, num_stages=stages, **pdl)
+                            UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
     if partials and not direct:
         return o_part, lse
     if not direct:

@@ -136,18 +136,16 @@ with torch.inference_mode():
             qp = torch.randn(B, H, P, device=dev, dtype=dt)
             ref = K.mla_decode(ql, qp, kv[0], table, lens, 0.1)
             att = {"rows": {}}
-            # env ATT_TRANS=0,1: also the tokens x heads layout (mla_decode(trans=True)), keys prefixed "T"
-            for tr, splits, c in [(tr, sp, c) for tr in [bool(int(t)) for t in os.environ.get("ATT_TRANS", "0").split(",")]
-                                  for sp in ((1, 2, 3, 4) if B >= 32 else (1, 2, 4, 8, 16))
+            for splits, c in [(sp, c) for sp in ((1, 2, 3, 4) if B >= 32 else (1, 2, 4, 8, 16))
                                   for c in [None, (32, 4, 2), (64, 4, 2), (64, 8, 2), (16, 4, 1), (32, 4, 1), (64, 4, 1),
                                             (32, 8, 1), (64, 8, 1), (128, 4, 2), (128, 8, 2)]]:
-                key = f"{'T ' if tr else ''}{splits} {c}"
+                key = f"{splits} {c}"
                 try:
-                    err = (K.mla_decode(ql, qp, kv[0], table, lens, 0.1, num_splits=splits, config=c, trans=tr) - ref).abs().max().item()
+                    err = (K.mla_decode(ql, qp, kv[0], table, lens, 0.1, num_splits=splits, config=c) - ref).abs().max().item()
                 except Exception as e:
                     att["rows"][key] = f"{type(e).__name__}: {str(e)[:80]}"
                     continue
-                att["rows"][key] = [try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1, num_splits=splits, config=c, trans=tr)
+                att["rows"][key] = [try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1, num_splits=splits, config=c)
                                                     for l in range(L)]), round(err, 4)]
             att["default"] = try_ms(lambda: [K.mla_decode(ql, qp, kv[l], table, lens, 0.1) for l in range(L)])
             att["bytes_per_layer"] = int(lens.sum()) * M.cache_width(cfg) * 2
