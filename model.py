@@ -301,6 +301,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(R, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.hidden_size, bias=False)
         self.register_buffer("qkv_a", None, persistent=False)   # fuse_projections: [q_a (or q); kv_a] weights
+        self.register_buffer("kv_b_rows", None, persistent=False)   # fuse_projections: cache row -> [k | v] per head
 
     def forward(self, x, cos, sin, scale, cache=None, layer=0):
         cfg, (B, T, _) = self.cfg, x.shape
@@ -330,7 +331,11 @@ class MLA(nn.Module):
             return self.o_proj(o.reshape(B, 1, H * dv))
         if cache is not None:  # prefill chunk: attend to everything cached so far (rows share one length here)
             cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
-            c, k_pe = cache_read(cache.kv[layer], cache.block_table, cache.start + T).split([R, P], dim=-1)
+            lat = cache_read(cache.kv[layer], cache.block_table, cache.start + T)             # (B, S, R + P)
+            if self.kv_b_rows is not None:   # fuse_projections: k = [k_nope | k_pe] and v from one GEMM, no cat
+                k, v = F.linear(lat, self.kv_b_rows).view(B, -1, H, nope + P + dv).split([nope + P, dv], dim=-1)
+                return self.o_proj(causal_attention(q, k, v, scale).reshape(B, T, H * dv))
+            c, k_pe = lat.split([R, P], dim=-1)
         # naive path: decompress the latent into per-head keys and values
         k_nope, v = torch.einsum("bsr,hdr->bshd", c, w).split([nope, dv], dim=-1)    # (B, S, H, nope|dv)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, H, -1)], dim=-1)      # (B, S, H, nope+P)
@@ -410,7 +415,9 @@ def fuse_projections(model):
     """Inference: one weight for each pair of projections that read the same input ([q_a or q; kv_a] and
     [gate; up]); the originals become views of it (no extra memory). Decode reads one row per sequence,
     so each GEMM is latency-bound: ~6 us on an H100 however small, and two in one save ~10 us a layer
-    (results/serve_probe/ops_h100.json)."""
+    (results/serve_probe/ops_h100.json). And for prefill, per head [[W_UK, 0], [0, I], [W_UV, 0]]: a cache
+    row [c | k_pe] times it is [k_nope | k_pe | v], where concatenating k_pe to every head's k_nope cost 7% of a
+    1b prefill forward (results/serve_probe/c64_step_prefill_h100_09b37ff.json)."""
     def fuse(a, b):
         w = torch.cat([a.weight.data, b.weight.data])
         a.weight.data, b.weight.data = w[:a.out_features], w[a.out_features:]
@@ -419,6 +426,13 @@ def fuse_projections(model):
         att = block.self_attn
         if isinstance(att, MLA):
             att.qkv_a = fuse(att.q_proj if att.cfg.q_lora_rank is None else att.q_a_proj, att.kv_a_proj_with_mqa)
+            c = att.cfg
+            H, R, nope, P = c.num_attention_heads, c.kv_lora_rank, c.qk_nope_head_dim, c.qk_rope_head_dim
+            w = att.kv_b_proj.weight.data.view(H, nope + c.v_head_dim, R)
+            rows = w.new_zeros(H, nope + P + c.v_head_dim, R + P)
+            rows[:, :nope, :R], rows[:, nope + P:, :R] = w[:, :nope], w[:, nope:]
+            rows[:, nope:nope + P, R:] = torch.eye(P)
+            att.kv_b_rows = rows.view(-1, R + P)
         block.mlp.gate_up = fuse(block.mlp.gate_proj, block.mlp.up_proj)
     return model
 
