@@ -183,11 +183,11 @@ if dev.type == "cuda":
 
 
 def proc_client(args):
-    url, idx, T_ = args
+    url, idx, T_, conc = args
     body = lambda i: ("/v1/completions", {"prompt": prompts[idx[i % len(idx)]], "max_tokens": T_, "temperature": 0,  # noqa: E731
                                           "ignore_eos": True, "stream": True, "return_token_ids": True,
                                           "stream_options": {"include_usage": True}}, None)
-    recs, wall = bench.run_load(url, body, len(idx) // 2, num_requests=len(idx))
+    recs, wall = bench.run_load(url, body, conc, num_requests=len(idx))   # (was len(idx) // 2: 128 clients at N=256)
     return recs
 
 
@@ -217,7 +217,7 @@ if "C" in PARTS:
                     recs, wall = bench.run_load(url, body, C, num_requests=N)
                 else:
                     with mp.get_context("fork").Pool(4) as pool:
-                        parts = pool.map(proc_client, [(url, list(range(k, N, 4)), T) for k in range(4)])
+                        parts = pool.map(proc_client, [(url, list(range(k, N, 4)), T, C // 4) for k in range(4)])
                     recs, wall = [r for p in parts for r in p], time.perf_counter() - t0
                 m1 = bench.scrape(url)
                 row = {"budget": budget, "client": mode, **bench.summarize(recs, wall),
