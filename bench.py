@@ -944,7 +944,8 @@ def serve_robustness(ckpt, out, clients=200, duration=60.0, examples=100):
     and counted by the server), no client left without an answer, zero blocks held once the engine is idle."""
     import shutil
     import tempfile
-    st = shutil.which("st") or shutil.which("schemathesis")
+    path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")   # a venv's python, not activated
+    st = shutil.which("st", path=path) or shutil.which("schemathesis", path=path)
     if st is None:
         die("serve: --robustness=1 needs schemathesis (pip install schemathesis)")
     key, name = "sk-robustness", "ic-robust"

@@ -302,7 +302,10 @@ with torch.inference_mode():
         for mode in os.environ.get("S_MODES", "dynamic").split(",") + (["old"] if os.environ.get("S_OLD") else []):
             torch._dynamo.reset()
             t0 = time.perf_counter()
-            opts = {"dynamic": mode in ("dynamic", "old")} | ({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {})
+            # combo: dynamic + Inductor's combo kernels (independent small kernels of a graph launched as one)
+            opts = {"dynamic": mode in ("dynamic", "old", "combo")} | ({"mode": "max-autotune-no-cudagraphs"} if mode == "autotune" else {})
+            if mode == "combo":
+                opts["options"] = {"combo_kernels": True}
             mod, m = (M, model) if mode != "old" else old_model()
             layers = [torch.compile(b, **opts) for b in m.layers]
             cache = mod.Cache(kv, table, lens.clone())
