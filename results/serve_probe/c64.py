@@ -5,7 +5,6 @@
 #  P. one prefill forward of 16 x 512 (the engine's 8192-token chunk; env PREFILL_B=1,8,16 for others): this tree's model.py vs the one carried in
 #     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
 #  U. the attention + W_UV at 64 rows: merge kernel + einsum vs mla_kernel.merge_uv;
-#  O. a 64-row decode graph on a high-priority stream while a prefill graph (OVERLAP_B x 512) runs on another;
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
 import importlib.util
@@ -223,69 +222,6 @@ with torch.inference_mode():
             pre[f"old_vs_new_max_logit_diff{sfx}"] = d
         print("prefill", {k: v for k, v in pre.items() if not k.startswith("kernels")}, flush=True)
         res["prefill"] = pre
-        dump()
-
-    if "O" in PARTS:   # a 64-row decode graph on one stream while a prefill graph runs on another: do they overlap?
-        kv, table, lens = state(ROWS)
-        idx = torch.randint(0, cfg.vocab_size, (ROWS, 1), device=dev)
-        layers = [torch.compile(b, dynamic=True) for b in model.layers]
-        PB = int(os.environ.get("OVERLAP_B", "8"))        # prefill rows of 512 tokens, on blocks of their own
-        pidx = torch.randint(0, cfg.vocab_size, (PB, 512), device=dev)
-        ptab = torch.arange(PB * 8, device=dev, dtype=torch.int32).view(PB, 8) + ROWS * 10   # past the decode rows' blocks
-        kv = torch.cat([kv, torch.zeros(L, PB * 8, page, kv.shape[-1], device=dev, dtype=dt)], 1)
-        dcache = M.Cache(kv, table, lens.clone())
-        pcache = M.Cache(kv, ptab, torch.zeros(PB, device=dev, dtype=torch.int32), start=0)
-
-        def dec():
-            dcache.seq_lens.copy_(lens)
-            return model(idx, cache=dcache, layers=layers)[:, -1]
-
-        def pre():
-            pcache.seq_lens.zero_()
-            pcache.start = 0
-            return model(pidx, cache=pcache)[:, -1]
-        graphs = {}
-        for name, fn in (("dec", dec), ("pre", pre)):   # each in a memory pool of its own
-            s_ = torch.cuda.Stream()
-            s_.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s_):
-                fn()
-                fn()
-            torch.cuda.current_stream().wait_stream(s_)
-            g_ = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g_):
-                fn()
-            graphs[name] = g_
-        hi, lo, mid = torch.cuda.Stream(priority=-1), torch.cuda.Stream(priority=0), torch.cuda.Stream(priority=0)
-
-        def timed(fn, reps=5):
-            ts = []
-            for _ in range(reps):
-                torch.cuda.synchronize()
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                for st_ in (hi, lo, mid):
-                    torch.cuda.current_stream().wait_stream(st_)
-                b.record()
-                b.synchronize()
-                ts.append(a.elapsed_time(b))
-            return round(sorted(ts)[len(ts) // 2], 3)
-
-        def on(stream, g_, n=1):
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(n):
-                    g_.replay()
-        t_dec = timed(lambda: on(hi, graphs["dec"], 20)) / 20
-        t_pre = timed(lambda: on(lo, graphs["pre"]))
-        N = max(1, round(t_pre / t_dec))
-        ov = {"prefill_rows": PB, "decode_ms": round(t_dec, 4), "prefill_ms": t_pre, "decode_steps": N,
-              "sequential_ms": round(N * t_dec + t_pre, 3),
-              "concurrent_ms": timed(lambda: (on(lo, graphs["pre"]), on(hi, graphs["dec"], N))),
-              "concurrent_same_priority_ms": timed(lambda: (on(lo, graphs["pre"]), on(mid, graphs["dec"], N)))}
-        print("overlap", ov, flush=True)
-        res["overlap"] = ov
         dump()
 
     if "S" in PARTS:
