@@ -5,6 +5,7 @@
 #  P. one prefill forward of 16 x 512 (the engine's 8192-token chunk; env PREFILL_B=1,8,16 for others): this tree's model.py vs the one carried in
 #     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
 #  U. the attention + W_UV at 64 rows: merge kernel + einsum vs mla_kernel.merge_uv;
+#  M. a layer's shared GEMMs (cuBLAS) at M tokens (GEMM_M): the price of prefill tokens riding in a decode step;
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
 import importlib.util
@@ -222,6 +223,20 @@ with torch.inference_mode():
             pre[f"old_vs_new_max_logit_diff{sfx}"] = d
         print("prefill", {k: v for k, v in pre.items() if not k.startswith("kernels")}, flush=True)
         res["prefill"] = pre
+        dump()
+
+    if "M" in PARTS:   # a layer's shared GEMMs at M tokens: what 64 decode rows' weight reads leave free for prefill tokens
+        gm = {}
+        for Mt in [int(m) for m in os.environ.get("GEMM_M", "64,128,256,320,512,576,1024,1088,2048,2112").split(",")]:
+            xs = {k: torch.randn(Mt, k, device=dev, dtype=dt) for k in (1536, 2048, 4608)}
+
+            def layer_gemms(l):   # [q_a; kv_a], q_b, o, [gate; up], down (W_UK / W_UV and kv_b are not shared)
+                a, mlp = lay[l].self_attn, lay[l].mlp
+                return (F.linear(xs[2048], a.qkv_a), F.linear(xs[1536], a.q_b_proj.weight), F.linear(xs[2048], a.o_proj.weight),
+                        F.linear(xs[2048], mlp.gate_up), F.linear(xs[4608], mlp.down_proj.weight))
+            gm[Mt] = try_ms(lambda: [layer_gemms(l) for l in range(L)])
+        print("GEMMs us a layer by M", gm, flush=True)
+        res["gemm_by_m"] = gm
         dump()
 
     if "S" in PARTS:
