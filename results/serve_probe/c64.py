@@ -6,6 +6,7 @@
 #     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
 #  U. the attention + W_UV at 64 rows: merge kernel + einsum vs mla_kernel.merge_uv;
 #  M. a layer's shared GEMMs (cuBLAS) at M tokens (GEMM_M): the price of prefill tokens riding in a decode step;
+#  X. a mixed step (ROWS decode tokens + an XT-token prompt chunk at cached length XS, one forward) vs the two apart;
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
 import importlib.util
@@ -238,6 +239,79 @@ with torch.inference_mode():
         print("GEMMs us a layer by M", gm, flush=True)
         res["gemm_by_m"] = gm
         dump()
+
+    if "X" in PARTS:   # a mixed step: ROWS decode tokens + one prompt chunk of XT tokens at cached length XS, one forward
+        # (a probe-only forward written out from model.MLA; the chunk attends to its prefix at its exact length)
+        torch._dynamo.config.cache_size_limit = 256
+        XT = int(os.environ.get("XT", "192"))
+        kv, table, lens = state(ROWS)
+        S_max = 640
+        kv = torch.cat([kv, torch.zeros(L, S_max // page, page, kv.shape[-1], device=dev, dtype=dt)], 1)
+        ptab = (torch.arange(S_max // page, device=dev, dtype=torch.int32) + ROWS * (640 // page) + 1)[None]   # (1, 10)
+        didx = torch.randint(0, cfg.vocab_size, (ROWS, 1), device=dev)
+        pidx = torch.randint(0, cfg.vocab_size, (1, XT), device=dev)
+        scale = model.softmax_scale
+
+        def mixed_block(blk, x, cos, sin, kvl, slots, lens_d, start):
+            att, mlp, N = blk.self_attn, blk.mlp, x.shape[0]
+            h = blk.input_layernorm(x)
+            q, ckv = F.linear(h, att.qkv_a).split([att.qkv_a.shape[0] - R - P, R + P], dim=-1)
+            q = att.q_b_proj(att.q_a_layernorm(q)).view(N, H, nope + P)
+            c, k_pe = ckv.split([R, P], dim=-1)
+            c = att.kv_a_layernorm(c)
+            q_pe = M.apply_rope(q[None, :, :, nope:], cos[None], sin[None])[0]               # (N, H, P)
+            k_pe = M.apply_rope(k_pe[None, :, None], cos[None], sin[None])[0, :, 0]          # (N, P)
+            M.cache_write(kvl, slots[None], torch.cat([c, k_pe], dim=-1)[None])
+            w = att.kv_b_proj.weight.view(H, nope + dv, R)
+            q_lat = torch.einsum("bhd,hdr->bhr", q[:ROWS, :, :nope], w[:, :nope])
+            o_lat = M.latent_attention(q_lat, q_pe[:ROWS], kvl, table, lens_d, scale)
+            o_d = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:]).reshape(ROWS, H * dv)
+            lat = M.cache_read(kvl, ptab, start + N - ROWS)                                  # (1, S, R + P)
+            k, v = F.linear(lat, att.kv_b_rows).view(1, -1, H, nope + P + dv).split([nope + P, dv], dim=-1)
+            qc = torch.cat([q[ROWS:, :, :nope], q_pe[ROWS:]], dim=-1)[None]                 # (1, T, H, nope + P)
+            y = M.causal_attention(qc, k, v, scale).reshape(N - ROWS, H * dv)
+            x = x + att.o_proj(torch.cat([o_d, y]))
+            return x + mlp(blk.post_attention_layernorm(x))
+
+        def mixed(start, blocks):
+            lens_d = lens + 1
+            pos = torch.cat([lens.long(), start + torch.arange(XT, device=dev)])                 # (N,)
+            slots = torch.cat([M.cache_slots(table, lens, 1, page).view(-1), M.cache_slots(ptab, lens[:1] * 0 + start, XT, page).view(-1)])
+            cos, sin = M.rope_cos_sin(model.inv_freq, pos)
+            x = model.embed_tokens(torch.cat([didx[:, 0], pidx[0]]))
+            for i, b in enumerate(model.layers):
+                x = blocks(b, x, cos, sin, kv[i], slots, lens_d, start)
+            return model.lm_head(model.norm(x))                                                  # (N, V)
+        layers = [torch.compile(b, dynamic=True) for b in model.layers]
+        cmixed = torch.compile(mixed_block, dynamic=True)
+
+        def dec(lay_):
+            cache = M.Cache(kv, table, lens.clone())
+            return model(didx, cache=cache, layers=lay_)[:, -1]
+
+        def pre(start):
+            cache = M.Cache(kv, ptab, torch.full((1,), start, device=dev, dtype=torch.int32), start=start)
+            return model(pidx, cache=cache)[0]
+        mx = {"decode_rows": ROWS, "chunk": XT, "decode_compiled_ms": round(graph_ms(lambda: dec(layers)), 4),
+              "decode_eager_ms": round(graph_ms(lambda: dec(None)), 4)}
+        for start in [int(x) for x in os.environ.get("XS", "0,192,384").split(",")]:
+            row = {"prefill_alone_ms": round(graph_ms(lambda: pre(start)), 4),
+                   "mixed_eager_ms": round(graph_ms(lambda: mixed(start, mixed_block)), 4)}
+            try:
+                row["mixed_compiled_ms"] = round(graph_ms(lambda: mixed(start, cmixed)), 4)
+            except Exception as e:
+                row["mixed_compiled_ms"] = f"{type(e).__name__}: {str(e)[:120]}"
+            got = mixed(start, mixed_block).float()
+            want_d, want_p = dec(None).float(), pre(start).float()
+            row["max_logit_diff_decode"] = round((got[:ROWS] - want_d).abs().max().item(), 4)
+            row["max_logit_diff_chunk"] = round((got[ROWS:] - want_p).abs().max().item(), 4)
+            row["saved_ms_eager"] = round(mx["decode_eager_ms"] + row["prefill_alone_ms"] - row["mixed_eager_ms"], 4)
+            if isinstance(row["mixed_compiled_ms"], float):
+                row["saved_ms_compiled"] = round(mx["decode_compiled_ms"] + row["prefill_alone_ms"] - row["mixed_compiled_ms"], 4)
+            mx[start] = row
+            print("mixed", ROWS, XT, start, row, flush=True)
+            res["mixed"] = mx
+            dump()
 
     if "S" in PARTS:
         kv, table, lens = state(ROWS)
