@@ -6,6 +6,7 @@
 #     .old/model_old.py (same weights), and SDPA with V padded to 192 vs V at 128 (which backend, how fast);
 #  U. the attention + W_UV at 64 rows: merge kernel + einsum vs mla_kernel.merge_uv;
 #  M. a layer's shared GEMMs (cuBLAS) at M tokens (GEMM_M): the price of prefill tokens riding in a decode step;
+#  T. the shared GEMMs at ROWS rows as x W^T vs (W x^T)^T (cuBLAS's choice of kernel);
 #  X. a mixed step (ROWS decode tokens + an XT-token prompt chunk at cached length XS, one forward) vs the two apart;
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
@@ -238,6 +239,22 @@ with torch.inference_mode():
             gm[Mt] = try_ms(lambda: [layer_gemms(l) for l in range(L)])
         print("GEMMs us a layer by M", gm, flush=True)
         res["gemm_by_m"] = gm
+        dump()
+
+    if "T" in PARTS:   # the layer's shared GEMMs at ROWS rows as x W^T (the engine's) vs (W x^T)^T: does cuBLAS pick better?
+        xs = {k: torch.randn(ROWS, k, device=dev, dtype=dt) for k in (1536, 2048, 4608)}
+
+        def ws(l):
+            a, mlp = lay[l].self_attn, lay[l].mlp
+            return ((2048, a.qkv_a), (1536, a.q_b_proj.weight), (2048, a.o_proj.weight), (2048, mlp.gate_up),
+                    (4608, mlp.down_proj.weight))
+        tg = {}
+        for i, name in enumerate(("qkv_a", "q_b", "o", "gate_up", "down")):
+            tg[name] = {"xWt_us": try_ms(lambda: [F.linear(xs[ws(l)[i][0]], ws(l)[i][1]) for l in range(L)]),
+                        "Wxt_us": try_ms(lambda: [torch.mm(ws(l)[i][1], xs[ws(l)[i][0]].t()) for l in range(L)]),
+                        "Wxt_copy_us": try_ms(lambda: [torch.mm(ws(l)[i][1], xs[ws(l)[i][0]].t()).t().contiguous() for l in range(L)])}
+        print("GEMM forms at", ROWS, "rows", tg, flush=True)
+        res["gemm_forms"] = tg
         dump()
 
     if "X" in PARTS:   # a mixed step: ROWS decode tokens + one prompt chunk of XT tokens at cached length XS, one forward
