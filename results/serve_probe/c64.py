@@ -28,7 +28,9 @@ import serve  # noqa: E402
 OUT, PARTS = sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "GAPS"
 ROWS = int(os.environ.get("ROWS", "64"))
 dev, dt = torch.device("cuda"), torch.bfloat16
-res = {"provenance": M.provenance("cuda", torch.cuda.get_device_name()), "rows": ROWS}
+if os.environ.get("BLAS"):   # env BLAS=cublaslt / cublas: torch.backends.cuda.preferred_blas_library for every GEMM here
+    torch.backends.cuda.preferred_blas_library(os.environ["BLAS"])
+res = {"provenance": M.provenance("cuda", torch.cuda.get_device_name()), "rows": ROWS, "blas": os.environ.get("BLAS", "default")}
 dump = lambda: json.dump(res, open(os.path.join(OUT, "c64.json"), "w"), indent=1)  # noqa: E731
 torch.manual_seed(0)
 cfg = M.PRESETS["1b"]
