@@ -325,6 +325,7 @@ class MLA(nn.Module):
         w = self.kv_b_proj.weight.view(H, nope + dv, R)                       # per head [W_UK; W_UV]
         if decode:  # absorbed decode: never decompress the cache
             q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, :nope])                # W_UK^T q^C
+            # (before the cache write, which torch.compile leaves out: the rope and W_UK compile as one region)
             cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
             o_lat = latent_attention(q_lat, q_pe[:, 0], cache.kv[layer], cache.block_table, cache.seq_lens, scale)
             o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:])                           # W_UV o_lat

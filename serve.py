@@ -367,7 +367,7 @@ class Engine:
             groups.setdefault(("graph", n_pad) if n_pad else (r.num_computed, n), []).append((r, n))
         for (kind, n), items in groups.items():
             if kind == "graph":
-                per = self.cfg.prefill_graph_tokens // n
+                per = max(1, self.cfg.prefill_graph_tokens // n)   # 0 once a failed capture turned graphs off
                 for i in range(0, len(items), per):
                     self._prefill_fixed(items[i:i + per], n)
             else:
