@@ -1,0 +1,223 @@
+# Issue 9 probe: where does HTTP lose ~13% of the engine's 64-client throughput? A timeline of every engine
+# step (start, end, rows decoded, prompt tokens prefilled, running, waiting) and of every request (arrival at
+# the engine, finish there; send, first chunk and end at the client), for bench.py's load (64 threads x 4
+# rounds of 512 + 128 tokens, streamed) over HTTP, and for the same load stepped in this process.
+# Usage: python results/serve_probe/trace.py OUT_DIR        (GPU, 1b; PRESET=tiny PTCN=64,16,8,16 on CPU)
+# The server runs as this file with TRACE_FILE set: serve.py whose Engine writes its steps there (a spawned
+# engine process imports this file again as __mp_main__, so the patch reaches it).
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+import serve  # noqa: E402
+
+TRACE = os.environ.get("TRACE_FILE")
+
+
+def install_trace(path):
+    """Engine.step / _schedule / submit / _finish append JSON lines to path (flushed every 64 lines)."""
+    f, n = open(path, "a"), [0]
+
+    def log(obj):
+        f.write(json.dumps(obj) + "\n")
+        n[0] += 1
+        if n[0] % 64 == 0:
+            f.flush()
+    step, schedule, submit, finish = serve.Engine.step, serve.Engine._schedule, serve.Engine.submit, serve.Engine._finish
+
+    def traced_schedule(self):
+        d, p = schedule(self)
+        self._trace = (len(d), sum(k for _, k in p), len(p))
+        return d, p
+
+    def traced_step(self):
+        self._trace = (0, 0, 0)
+        t0 = time.perf_counter()
+        busy = step(self)
+        t1 = time.perf_counter()
+        if busy:
+            log({"s": [t0, t1, *self._trace, len(self.running), len(self.waiting)]})
+        return busy
+
+    def traced_submit(self, prompt, params, sink=None, id=None, arrival=None):
+        r = submit(self, prompt, params, sink=sink, id=id, arrival=arrival)
+        log({"a": [time.perf_counter(), arrival, str(r.id)]})
+        return r
+
+    def traced_finish(self, r, reason, new=()):
+        log({"f": [time.perf_counter(), str(r.id), reason]})
+        return finish(self, r, reason, new)
+    serve.Engine.step, serve.Engine._schedule = traced_step, traced_schedule
+    serve.Engine.submit, serve.Engine._finish = traced_submit, traced_finish
+    import atexit
+    atexit.register(f.flush)
+
+
+if TRACE:
+    install_trace(TRACE)
+if __name__ == "__main__" and TRACE:
+    pass
+    serve.main(sys.argv[1:])
+    sys.exit(0)
+
+
+def steps_summary(lines, C):
+    """Totals over the traced steps: busy time, gaps between steps, decode steps by rows, prefill work."""
+    s = sorted(x["s"] for x in lines if "s" in x)
+    if not s:
+        return {}
+    busy = sum(t1 - t0 for t0, t1, *_ in s)
+    span = s[-1][1] - s[0][0]
+    full = [x for x in s if x[2] == C]
+    part = [x for x in s if 0 < x[2] < C]
+    pre = [x for x in s if x[3] > 0]
+    hist = {}
+    for x in s:
+        if x[2]:
+            b = min(C, 8 * ((x[2] + 7) // 8))
+            hist[b] = hist.get(b, 0) + 1
+    return {"steps": len(s), "span_s": round(span, 3), "busy_s": round(busy, 3), "gap_s": round(span - busy, 3),
+            "decode_steps": sum(1 for x in s if x[2]), "full_decode_steps": len(full),
+            "partial_decode_steps": len(part), "partial_decode_rows_mean": round(sum(x[2] for x in part) / max(1, len(part)), 1),
+            "decode_steps_by_rows_upto": dict(sorted(hist.items())),
+            "prefill_steps": len(pre), "prefill_tokens": sum(x[3] for x in pre),
+            "prefill_step_s": round(sum(x[1] - x[0] for x in pre), 3),
+            "pure_decode_step_ms_p50": round(1e3 * sorted(x[1] - x[0] for x in full if not x[3])[len([x for x in full if not x[3]]) // 2], 3)
+            if any(not x[3] for x in full) else None}
+
+
+def main():
+    import subprocess
+    import socket
+    import urllib.request
+    import torch
+    import bench
+    import model as M
+    out = sys.argv[1]
+    os.makedirs(out, exist_ok=True)
+    P, T, C, N = (int(x) for x in os.environ.get("PTCN", "512,128,64,256").split(","))
+    preset = os.environ.get("PRESET", "1b")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    res = {"provenance": M.provenance(dev.type, torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"),
+           "preset": preset, "P": P, "T": T, "C": C, "N": N}
+    dump = lambda: json.dump(res, open(os.path.join(out, "trace.json"), "w"), indent=1)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 256, (P,), generator=g).tolist() for _ in range(N)]
+    torch.manual_seed(0)
+    ckpt = os.path.join(out, "ckpt.pt")
+    M.save_checkpoint(ckpt, M.Transformer(M.PRESETS[preset]))
+    flags = [f"--ckpt={ckpt}", "--dtype=auto", "--page=64", f"--max_num_seqs={C}", f"--max_model_len={P + T}",
+             f"--kv_cache_tokens={C * (P + T + 64)}", "--max_num_batched_tokens=8192", "--served_model_name=bench",
+             *os.environ.get("SERVER_ARGS", "").split()]
+
+    # ---- over HTTP
+    trace_path = os.path.join(out, "http_trace.jsonl")
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", *flags],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, "server.log"), "w"),
+                            env=dict(os.environ, TRACE_FILE=trace_path))
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if time.time() - t0 > 480:
+                proc.kill()
+                raise
+            time.sleep(0.3)
+    client = bench.client_request
+
+    def timed_client(*a, **k):
+        t = time.perf_counter()
+        rec = client(*a, **k)
+        rec["t_send"], rec["t_end"] = t, time.perf_counter()
+        return rec
+    bench.client_request = timed_client
+
+    def body(i):
+        return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
+                                    "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}, None)
+    try:
+        bench.run_load(url, body, C, num_requests=C)   # warm-up
+        time.sleep(1.0)
+        t_start = time.perf_counter()
+        recs, wall = bench.run_load(url, body, C, num_requests=N)
+        t_stop = time.perf_counter()
+        time.sleep(1.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    lines = [json.loads(x) for x in open(trace_path)]
+    lines = [x for x in lines if t_start - 0.01 <= next(iter(x.values()))[0] <= t_stop + 0.01]
+    row = bench.summarize(recs, wall)
+    res["http"] = {"tok_s": row["throughput_tok_s"], "wall_s": row["wall_s"], "ttft_ms": row["ttft_ms"],
+                   "steps": steps_summary(lines, C)}
+    # per request: client send -> engine arrival -> engine finish -> client end (the last chunk read)
+    arr = {x["a"][2]: x["a"] for x in lines if "a" in x}
+    fin = {x["f"][1]: x["f"][0] for x in lines if "f" in x}
+    lag_in = sorted(a[0] - a[1] for a in arr.values())               # arrival stamp (API process) -> engine submit
+    res["http"]["api_to_engine_ms_p50_p99"] = [bench.pct(lag_in, 50), bench.pct(lag_in, 99)]
+    # the turnaround: finishes in the engine vs the next arrivals (all clients in lockstep: rounds)
+    fins, arrs = sorted(fin.values()), sorted(a[0] for a in arr.values())
+    res["http"]["engine_first_arrival_to_last_arrival_ms_by_round"] = [
+        round(1e3 * (arrs[min(len(arrs) - 1, k + C - 1)] - arrs[k]), 2) for k in range(0, len(arrs), C)]
+    res["http"]["engine_finish_spread_ms_by_round"] = [
+        round(1e3 * (fins[min(len(fins) - 1, k + C - 1)] - fins[k]), 2) for k in range(0, len(fins), C)]
+    gaps = []
+    for k in range(C, len(arrs), C):   # the k-th round's first arrival after the previous round's last finish
+        gaps.append(round(1e3 * (arrs[k] - fins[k - 1]), 2))
+    res["http"]["last_finish_to_next_round_first_arrival_ms"] = gaps
+    ends = sorted(r["t_end"] for r in recs)
+    sends = sorted(r["t_send"] for r in recs)
+    res["http"]["client_send_spread_ms_by_round"] = [round(1e3 * (sends[min(len(sends) - 1, k + C - 1)] - sends[k]), 2)
+                                                    for k in range(0, len(sends), C)]
+    res["http"]["client_end_spread_ms_by_round"] = [round(1e3 * (ends[min(len(ends) - 1, k + C - 1)] - ends[k]), 2)
+                                                   for k in range(0, len(ends), C)]
+    print("http", json.dumps(res["http"]), flush=True)
+    dump()
+
+    # ---- the same load stepped in this process
+    trace_path2 = os.path.join(out, "engine_trace.jsonl")
+    install_trace(trace_path2)
+    cfg = serve.ServeConfig(ckpt=ckpt, dtype="auto", page=64, max_num_seqs=C, max_model_len=P + T,
+                            kv_cache_tokens=C * (P + T + 64), max_num_batched_tokens=8192, engine_process=False)
+    eng, _ = serve.build_engine(cfg, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    sp = serve.SamplingParams(max_tokens=T, temperature=0.0, ignore_eos=True)
+
+    def closed_loop(n):
+        done, sent, reqs = [], 0, []
+        for _ in range(C):
+            reqs.append(eng.submit(prompts[sent % N], sp))
+            sent += 1
+        t = time.perf_counter()
+        while len(done) < n:
+            eng.step()
+            for r in [r for r in reqs if r.finish_reason is not None]:
+                reqs.remove(r)
+                done.append(r)
+                if sent < n:
+                    reqs.append(eng.submit(prompts[sent % N], sp))
+                    sent += 1
+        return sum(r.num_generated for r in done), time.perf_counter() - t
+    with torch.inference_mode():
+        closed_loop(C)
+        t_start = time.perf_counter()
+        gen, wall = closed_loop(N)
+        t_stop = time.perf_counter()
+    lines = [json.loads(x) for x in open(trace_path2)]
+    lines = [x for x in lines if t_start - 0.01 <= next(iter(x.values()))[0] <= t_stop + 0.01]
+    res["engine"] = {"tok_s": round(gen / wall, 1), "wall_s": round(wall, 3), "steps": steps_summary(lines, C)}
+    print("engine", json.dumps(res["engine"]), flush=True)
+    dump()
+
+
+if __name__ == "__main__":
+    main()
