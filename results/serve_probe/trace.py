@@ -58,10 +58,47 @@ def install_trace(path):
 
 if TRACE:
     install_trace(TRACE)
+    if os.environ.get("SWITCH"):   # variant: a shorter GIL switch interval in the server's processes
+        sys.setswitchinterval(float(os.environ["SWITCH"]))
 if __name__ == "__main__" and TRACE:
     pass
     serve.main(sys.argv[1:])
     sys.exit(0)
+
+
+def cpu_ticks(pid):
+    """{tid: user + system clock ticks} of a process's threads."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            f = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+            out[int(tid)] = int(f[11]) + int(f[12])
+        except OSError:
+            pass
+    return out
+
+
+def children(pid):
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                if int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(d))
+            except OSError:
+                pass
+    return kids
+
+
+def cpu_use(before, after, wall):
+    """Per process: its total and its busiest threads, in cores (CPU seconds per wall second)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    res = {}
+    for name, b in before.items():
+        a = after.get(name, {})
+        d = sorted(((a.get(t, 0) - v) / hz / wall for t, v in b.items()), reverse=True)
+        res[name] = {"total": round(sum(d), 2), "threads": [round(x, 2) for x in d[:4]]}
+    return res
 
 
 def steps_summary(lines, C):
@@ -89,10 +126,63 @@ def steps_summary(lines, C):
             if any(not x[3] for x in full) else None}
 
 
-def main():
+def http_run(variant, env, flags, body, out, C, N):
     import subprocess
     import socket
     import urllib.request
+    import bench
+    trace_path = env["TRACE_FILE"]
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", *flags],
+                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, f"server_{variant}.log"), "w"), env=env)
+    url, t0 = f"http://127.0.0.1:{port}", time.time()
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            break
+        except OSError:
+            if time.time() - t0 > 480:
+                proc.kill()
+                raise
+            time.sleep(0.3)
+    try:
+        bench.run_load(url, body, C, num_requests=C)   # warm-up
+        time.sleep(1.0)
+        pids = {"api": proc.pid, "client": os.getpid(), **{f"child{c}": c for c in children(proc.pid)}}
+        before = {k: cpu_ticks(p) for k, p in pids.items()}
+        t_start = time.perf_counter()
+        recs, wall = bench.run_load(url, body, C, num_requests=N)
+        t_stop = time.perf_counter()
+        after = {k: cpu_ticks(p) for k, p in pids.items()}
+        time.sleep(1.0)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    lines = [json.loads(x) for x in open(trace_path)]
+    lines = [x for x in lines if t_start - 0.01 <= next(iter(x.values()))[0] <= t_stop + 0.01]
+    row = bench.summarize(recs, wall)
+    r = {"tok_s": row["throughput_tok_s"], "wall_s": row["wall_s"], "ttft_ms": row["ttft_ms"],
+         "cpu_cores": cpu_use(before, after, t_stop - t_start), "steps": steps_summary(lines, C)}
+    arr = {x["a"][2]: x["a"] for x in lines if "a" in x}
+    fin = {x["f"][1]: x["f"][0] for x in lines if "f" in x}
+    lag_in = sorted(a[0] - a[1] for a in arr.values())               # arrival stamp (API process) -> engine submit
+    r["api_to_engine_ms_p50_p99"] = [bench.pct(lag_in, 50), bench.pct(lag_in, 99)]
+    fins, arrs = sorted(fin.values()), sorted(a[0] for a in arr.values())
+    spread = lambda xs: [round(1e3 * (xs[min(len(xs) - 1, k + C - 1)] - xs[k]), 2) for k in range(0, len(xs), C)]  # noqa: E731
+    r["engine_arrival_spread_ms_by_round"] = spread(arrs)
+    r["engine_finish_spread_ms_by_round"] = spread(fins)
+    r["last_finish_to_next_first_arrival_ms"] = [round(1e3 * (arrs[k] - fins[k - 1]), 2) for k in range(C, len(arrs), C)]
+    r["first_finish_to_next_first_arrival_ms"] = [round(1e3 * (arrs[k] - fins[k - C]), 2) for k in range(C, len(arrs), C)]
+    r["client_send_spread_ms_by_round"] = spread(sorted(x["t_send"] for x in recs))
+    r["client_end_spread_ms_by_round"] = spread(sorted(x["t_end"] for x in recs))
+    return r
+
+
+def main():
     import torch
     import bench
     import model as M
@@ -113,26 +203,9 @@ def main():
              f"--kv_cache_tokens={C * (P + T + 64)}", "--max_num_batched_tokens=8192", "--served_model_name=bench",
              *os.environ.get("SERVER_ARGS", "").split()]
 
-    # ---- over HTTP
-    trace_path = os.path.join(out, "http_trace.jsonl")
-    with socket.socket() as s_:
-        s_.bind(("127.0.0.1", 0))
-        port = s_.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", *flags],
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, "server.log"), "w"),
-                            env=dict(os.environ, TRACE_FILE=trace_path))
-    url, t0 = f"http://127.0.0.1:{port}", time.time()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if time.time() - t0 > 480:
-                proc.kill()
-                raise
-            time.sleep(0.3)
+    def body(i):
+        return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
+                                    "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}, None)
     client = bench.client_request
 
     def timed_client(*a, **k):
@@ -141,49 +214,17 @@ def main():
         rec["t_send"], rec["t_end"] = t, time.perf_counter()
         return rec
     bench.client_request = timed_client
+    res["http"] = {}
+    for variant in os.environ.get("VARIANTS", "default").split(","):
+        env = dict(os.environ, TRACE_FILE=os.path.join(out, f"http_trace_{variant}.jsonl"))
+        if variant.startswith("switch"):
+            env["SWITCH"] = "0.0005"
+        res["http"][variant] = http_run(variant, env, flags, body, out, C, N)
+        print("http", variant, json.dumps(res["http"][variant]), flush=True)
+        dump()
 
-    def body(i):
-        return ("/v1/completions", {"prompt": prompts[i % N], "max_tokens": T, "temperature": 0, "ignore_eos": True,
-                                    "stream": True, "return_token_ids": True, "stream_options": {"include_usage": True}}, None)
-    try:
-        bench.run_load(url, body, C, num_requests=C)   # warm-up
-        time.sleep(1.0)
-        t_start = time.perf_counter()
-        recs, wall = bench.run_load(url, body, C, num_requests=N)
-        t_stop = time.perf_counter()
-        time.sleep(1.0)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=120)
-    lines = [json.loads(x) for x in open(trace_path)]
-    lines = [x for x in lines if t_start - 0.01 <= next(iter(x.values()))[0] <= t_stop + 0.01]
-    row = bench.summarize(recs, wall)
-    res["http"] = {"tok_s": row["throughput_tok_s"], "wall_s": row["wall_s"], "ttft_ms": row["ttft_ms"],
-                   "steps": steps_summary(lines, C)}
-    # per request: client send -> engine arrival -> engine finish -> client end (the last chunk read)
-    arr = {x["a"][2]: x["a"] for x in lines if "a" in x}
-    fin = {x["f"][1]: x["f"][0] for x in lines if "f" in x}
-    lag_in = sorted(a[0] - a[1] for a in arr.values())               # arrival stamp (API process) -> engine submit
-    res["http"]["api_to_engine_ms_p50_p99"] = [bench.pct(lag_in, 50), bench.pct(lag_in, 99)]
-    # the turnaround: finishes in the engine vs the next arrivals (all clients in lockstep: rounds)
-    fins, arrs = sorted(fin.values()), sorted(a[0] for a in arr.values())
-    res["http"]["engine_first_arrival_to_last_arrival_ms_by_round"] = [
-        round(1e3 * (arrs[min(len(arrs) - 1, k + C - 1)] - arrs[k]), 2) for k in range(0, len(arrs), C)]
-    res["http"]["engine_finish_spread_ms_by_round"] = [
-        round(1e3 * (fins[min(len(fins) - 1, k + C - 1)] - fins[k]), 2) for k in range(0, len(fins), C)]
-    gaps = []
-    for k in range(C, len(arrs), C):   # the k-th round's first arrival after the previous round's last finish
-        gaps.append(round(1e3 * (arrs[k] - fins[k - 1]), 2))
-    res["http"]["last_finish_to_next_round_first_arrival_ms"] = gaps
-    ends = sorted(r["t_end"] for r in recs)
-    sends = sorted(r["t_send"] for r in recs)
-    res["http"]["client_send_spread_ms_by_round"] = [round(1e3 * (sends[min(len(sends) - 1, k + C - 1)] - sends[k]), 2)
-                                                    for k in range(0, len(sends), C)]
-    res["http"]["client_end_spread_ms_by_round"] = [round(1e3 * (ends[min(len(ends) - 1, k + C - 1)] - ends[k]), 2)
-                                                   for k in range(0, len(ends), C)]
-    print("http", json.dumps(res["http"]), flush=True)
-    dump()
-
+    if os.environ.get("ENGINE", "1") == "0":
+        return
     # ---- the same load stepped in this process
     trace_path2 = os.path.join(out, "engine_trace.jsonl")
     install_trace(trace_path2)
