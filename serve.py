@@ -24,6 +24,7 @@ asyncio.Queue that a reader thread fills (loop.call_soon_threadsafe), so a slow 
 """
 import asyncio
 import codecs
+import gc
 import json
 import multiprocessing as mp
 import os
@@ -804,6 +805,7 @@ def engine_process(cfg, device, dtype, requests, replies):
     engine, info = build_engine(cfg, device, dtype, deliver=done.extend)
     engine.metrics = log = MetricLog(cfg.served_model_name)   # the name is known once the model is loaded
     replies.put(("ready", cfg, engine.vocab_size, info))
+    gc.freeze()   # what was built lives as long as the process: no full collection walks it (see main)
     parent, live = os.getppid(), {}
 
     def send():   # this step's outputs, metric calls and state, in one message
@@ -1455,6 +1457,10 @@ def main(argv):
           f"({cfg.num_blocks * cfg.page * per_token / 2**20:.0f} MiB), max_model_len {cfg.max_model_len}, decode "
           f"{'CUDA graphs' if graphs else 'eager'}, engine in {'its own process' if cfg.engine_process else 'a thread'}; "
           f"http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
+    # What exists now (torch, FastAPI, the model's modules: ~320k objects) lives as long as the server. A full
+    # collection walked it in ~140 ms, stalling every stream and every admission at once: under 64 streaming
+    # clients, half of them reached the engine ~150 ms late and the rounds fell apart (results/serve_probe/trace.py).
+    gc.freeze()
     # uvicorn drains on SIGTERM (no new connections, running requests finish), then re-raises the signal:
     # exit 0 at that point instead of dying of it
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -17,6 +17,19 @@ import serve  # noqa: E402
 TRACE = os.environ.get("TRACE_FILE")
 
 
+def log_gc(log):
+    """Every collection of generation 2, or any over 2 ms: (start, end, generation, pid)."""
+    import gc
+    t = [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            t[0] = time.perf_counter()
+        elif info["generation"] == 2 or time.perf_counter() - t[0] > 0.002:
+            log({"gc": [t[0], time.perf_counter(), info["generation"], os.getpid()]})
+    gc.callbacks.append(cb)
+
+
 def install_trace(path):
     """Engine.step / _schedule / submit / _finish append JSON lines to path (flushed every 64 lines)."""
     f, n = open(path, "a"), [0]
@@ -50,6 +63,7 @@ def install_trace(path):
     def traced_finish(self, r, reason, new=()):
         log({"f": [time.perf_counter(), str(r.id), reason]})
         return finish(self, r, reason, new)
+    log_gc(log)
     serve.Engine.step, serve.Engine._schedule = traced_step, traced_schedule
     serve.Engine.submit, serve.Engine._finish = traced_submit, traced_finish
     import atexit
@@ -58,6 +72,9 @@ def install_trace(path):
 
 if TRACE:
     install_trace(TRACE)
+    if os.environ.get("NOFREEZE"):   # variant: serve.py without its gc.freeze()
+        import gc
+        gc.freeze = lambda: None
     if os.environ.get("SWITCH"):   # variant: a shorter GIL switch interval in the server's processes
         sys.setswitchinterval(float(os.environ["SWITCH"]))
 if __name__ == "__main__" and TRACE:
@@ -149,24 +166,38 @@ def http_run(variant, env, flags, body, out, C, N):
                 proc.kill()
                 raise
             time.sleep(0.3)
+    import gc
+    client_gc = []
+    log_gc(client_gc.append)
+    freeze = gc.freeze
+    if "nofreeze" in variant:   # the client (bench.run_load) without its freeze too
+        gc.freeze = lambda: None
     try:
         bench.run_load(url, body, C, num_requests=C)   # warm-up
         time.sleep(1.0)
         pids = {"api": proc.pid, "client": os.getpid(), **{f"child{c}": c for c in children(proc.pid)}}
         before = {k: cpu_ticks(p) for k, p in pids.items()}
+        c0 = os.times()
         t_start = time.perf_counter()
         recs, wall = bench.run_load(url, body, C, num_requests=N)
         t_stop = time.perf_counter()
         after = {k: cpu_ticks(p) for k, p in pids.items()}
+        c1 = os.times()
         time.sleep(1.0)
     finally:
         proc.terminate()
         proc.wait(timeout=120)
+        gc.freeze = freeze
+        gc.callbacks.pop()
     lines = [json.loads(x) for x in open(trace_path)]
     lines = [x for x in lines if t_start - 0.01 <= next(iter(x.values()))[0] <= t_stop + 0.01]
     row = bench.summarize(recs, wall)
-    r = {"tok_s": row["throughput_tok_s"], "wall_s": row["wall_s"], "ttft_ms": row["ttft_ms"],
-         "cpu_cores": cpu_use(before, after, t_stop - t_start), "steps": steps_summary(lines, C)}
+    gcs = [x["gc"] for x in lines if "gc" in x] + [[*x["gc"][:3], "client"] for x in client_gc
+                                                    if t_start <= x["gc"][0] <= t_stop]
+    r = {"gc_pauses_ms": sorted([round(1e3 * (b - a), 1), g, str(p)] for a, b, g, p in gcs)[-12:],
+"tok_s": row["throughput_tok_s"], "wall_s": row["wall_s"], "ttft_ms": row["ttft_ms"],
+         "cpu_cores": {**cpu_use(before, after, t_stop - t_start),
+                       "client_process": round((c1.user + c1.system - c0.user - c0.system) / (t_stop - t_start), 2)}, "steps": steps_summary(lines, C)}
     arr = {x["a"][2]: x["a"] for x in lines if "a" in x}
     fin = {x["f"][1]: x["f"][0] for x in lines if "f" in x}
     lag_in = sorted(a[0] - a[1] for a in arr.values())               # arrival stamp (API process) -> engine submit
@@ -217,8 +248,10 @@ def main():
     res["http"] = {}
     for variant in os.environ.get("VARIANTS", "default").split(","):
         env = dict(os.environ, TRACE_FILE=os.path.join(out, f"http_trace_{variant}.jsonl"))
-        if variant.startswith("switch"):
+        if "switch" in variant:
             env["SWITCH"] = "0.0005"
+        if "nofreeze" in variant:
+            env["NOFREEZE"] = "1"
         res["http"][variant] = http_run(variant, env, flags, body, out, C, N)
         print("http", variant, json.dumps(res["http"][variant]), flush=True)
         dump()
