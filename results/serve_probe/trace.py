@@ -152,7 +152,12 @@ def http_run(variant, env, flags, body, out, C, N):
     with socket.socket() as s_:
         s_.bind(("127.0.0.1", 0))
         port = s_.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--port={port}", *flags],
+    spy = os.environ.get("PYSPY")   # py-spy's path: sample the server's processes (raw stacks, per thread)
+    cmd = [sys.executable, os.path.abspath(__file__), f"--port={port}", *flags]
+    if spy:
+        cmd = [spy, "record", "--rate", "250", "--format", "raw", "--threads", "--subprocesses", "--nonblocking",
+               "-o", os.path.join(out, f"pyspy_{variant}.txt"), "--", *cmd]
+    proc = subprocess.Popen(cmd,
                             stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, f"server_{variant}.log"), "w"), env=env)
     url, t0 = f"http://127.0.0.1:{port}", time.time()
     while True:
@@ -175,7 +180,8 @@ def http_run(variant, env, flags, body, out, C, N):
     try:
         bench.run_load(url, body, C, num_requests=C)   # warm-up
         time.sleep(1.0)
-        pids = {"api": proc.pid, "client": os.getpid(), **{f"child{c}": c for c in children(proc.pid)}}
+        api = children(proc.pid)[0] if spy else proc.pid
+        pids = {"api": api, "client": os.getpid(), **{f"child{c}": c for c in children(api)}}
         before = {k: cpu_ticks(p) for k, p in pids.items()}
         c0 = os.times()
         t_start = time.perf_counter()
@@ -185,7 +191,11 @@ def http_run(variant, env, flags, body, out, C, N):
         c1 = os.times()
         time.sleep(1.0)
     finally:
-        proc.terminate()
+        if spy:   # the server drains and exits, then py-spy writes its file
+            for c in children(proc.pid):
+                os.kill(c, 15)
+        else:
+            proc.terminate()
         proc.wait(timeout=120)
         gc.freeze = freeze
         gc.callbacks.pop()
