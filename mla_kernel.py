@@ -143,12 +143,17 @@ def _mla_split_kernel(
     if NP > 0:
         pidx = tl.arange(0, NP)
         pages = tl.load(bt_row + first + pidx, mask=first + pidx <= (end - 1) // PAGE, other=0)
-    for n0 in range(start, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale, pages, pidx,
-                                     first, R, P, PAGE, BLOCK_N, False, UPCAST, NP)
-    if n_full < end:
-        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale, pages,
-                                     pidx, first, R, P, PAGE, BLOCK_N, True, UPCAST, NP)
+        # one loop, every tile masked: a second (tail) copy of the tile code spilled 4 warps' registers
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale, pages,
+                                         pidx, first, R, P, PAGE, BLOCK_N, True, UPCAST, NP)
+    else:
+        for n0 in range(start, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale, pages,
+                                         pidx, first, R, P, PAGE, BLOCK_N, False, UPCAST, NP)
+        if n_full < end:
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale, pages,
+                                         pidx, first, R, P, PAGE, BLOCK_N, True, UPCAST, NP)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)

@@ -137,6 +137,8 @@ def main():
     print("production", res["rows"]["production"], res.get("production_ptx"), flush=True)
     json.dump(res, open(os.path.join(out_dir, "attn64.json"), "w"), indent=1)
 
+    if os.environ.get("ONLY_PRODUCTION"):
+        return
     for pre, bn, warps, stages, splits in itertools.product((0, 1), (32, 64), (4, 8), (1, 2, 3), (2, 3, 4)):
         if pre and stages != 1:
             continue
