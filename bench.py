@@ -606,8 +606,8 @@ def client_request(url, path, body, api_key=None, timeout=600.0, hang_up_after=N
 def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None):
     """`concurrency` client threads, each sending make_request(i) -> (path, body, hang_up_after) back to back,
     for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds)."""
-    # this process imports torch: a full garbage collection walks ~300k objects (~140 ms) and stalls every client
-    # thread at once. They live on anyway: frozen, no collection looks at them
+    # this process imports torch: a full garbage collection walks all it left (serve.py's took 140-173 ms) and
+    # stalls every client thread at once. Those objects live on anyway: frozen, no collection looks at them
     gc.freeze()
     counter, lock, records = iter(range(10 ** 9)), threading.Lock(), []
     t0 = time.perf_counter()

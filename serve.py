@@ -1457,9 +1457,9 @@ def main(argv):
           f"({cfg.num_blocks * cfg.page * per_token / 2**20:.0f} MiB), max_model_len {cfg.max_model_len}, decode "
           f"{'CUDA graphs' if graphs else 'eager'}, engine in {'its own process' if cfg.engine_process else 'a thread'}; "
           f"http://{cfg.host}:{cfg.port}/v1", file=sys.stderr, flush=True)
-    # What exists now (torch, FastAPI, the model's modules: ~320k objects) lives as long as the server. A full
-    # collection walked it in ~140 ms, stalling every stream and every admission at once: under 64 streaming
-    # clients, half of them reached the engine ~150 ms late and the rounds fell apart (results/serve_probe/trace.py).
+    # What exists now (torch, FastAPI, the model's modules) lives as long as the server. A full collection walked
+    # it in 140-173 ms on an H100 host, stalling every stream and every admission at once: under 64 streaming
+    # clients half of a round reached the engine ~150 ms late (results/serve_probe/trace_h100_gcfreeze_8d260fa.json).
     gc.freeze()
     # uvicorn drains on SIGTERM (no new connections, running requests finish), then re-raises the signal:
     # exit 0 at that point instead of dying of it

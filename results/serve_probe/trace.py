@@ -118,6 +118,33 @@ def cpu_use(before, after, wall):
     return res
 
 
+def pyspy_summary(path, top=40):
+    """py-spy's raw stacks ("process P:cmd;thread (T): name;frame;... count") -> per process and thread: samples,
+    the frames most often on the stack (inclusive) and on top (self). The engine process keeps only stacks in
+    Engine.step (its start-up compiles would swamp them)."""
+    import re
+    from collections import Counter
+    per = {}
+    for line in open(path, errors="replace"):
+        stack, _, n = line.rstrip("\n").rpartition(" ")
+        procs = re.findall(r'process (\d+):"[^"]*";', stack)   # a child's stacks are prefixed by its parents'
+        frames = re.sub(r'process \d+:"[^"]*";', "", stack).split(";")
+        if not procs or len(frames) < 2 or not n.isdigit():
+            continue
+        thread = frames[0].split(":")[-1].strip() or frames[0]
+        frames = frames[1:]
+        key = f"{procs[-1]} {'engine' if 'engine_process' in stack else 'api'} {thread}"
+        if "engine_process" in stack and "step" not in stack or "_find_and_load" in stack:   # start-up, imports
+            continue
+        d = per.setdefault(key, {"samples": 0, "incl": Counter(), "self": Counter()})
+        d["samples"] += int(n)
+        for f in set(frames):
+            d["incl"][f] += int(n)
+        d["self"][frames[-1]] += int(n)
+    return {k: {"samples": d["samples"], "inclusive": d["incl"].most_common(top), "self": d["self"].most_common(top // 2)}
+            for k, d in sorted(per.items(), key=lambda kv: -kv[1]["samples"])[:8]}
+
+
 def steps_summary(lines, C):
     """Totals over the traced steps: busy time, gaps between steps, decode steps by rows, prefill work."""
     s = sorted(x["s"] for x in lines if "s" in x)
@@ -199,6 +226,10 @@ def http_run(variant, env, flags, body, out, C, N):
         proc.wait(timeout=120)
         gc.freeze = freeze
         gc.callbacks.pop()
+    if spy:   # the raw file can pass 16 MiB: a summary comes back instead
+        raw = os.path.join(out, f"pyspy_{variant}.txt")
+        json.dump(pyspy_summary(raw), open(os.path.join(out, f"pyspy_{variant}.json"), "w"), indent=1)
+        os.remove(raw)
     lines = [json.loads(x) for x in open(trace_path)]
     lines = [x for x in lines if t_start - 0.01 <= next(iter(x.values()))[0] <= t_stop + 0.01]
     row = bench.summarize(recs, wall)
