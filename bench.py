@@ -663,16 +663,17 @@ def summarize(records, wall):
             "errors": sorted({r["error"] for r in records if r["error"]})[:10]}
 
 
-def spawn_server(flags, log_path, timeout=180):
-    """`python serve.py FLAGS --port=<free>` on loopback, returned once /health answers: (process, base URL)."""
+def spawn_server(flags, log_path, timeout=180, command=None, env=None):
+    """`python serve.py FLAGS --port=<free>` on loopback, returned once /health answers: (process, base URL).
+    command: what to run instead of `python serve.py` (a probe's wrapper); env: its environment."""
     import socket
     import urllib.request
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--port={port}", "--host=127.0.0.1", *flags],
-                            stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen([*(command or [sys.executable, os.path.join(ROOT, "serve.py")]), f"--port={port}",
+                             "--host=127.0.0.1", *flags], stdout=subprocess.DEVNULL, stderr=log, env=env)
     url, t0 = f"http://127.0.0.1:{port}", time.time()
     while True:
         if proc.poll() is not None:

@@ -171,33 +171,14 @@ def steps_summary(lines, C):
 
 
 def http_run(variant, env, flags, body, out, C, N):
-    import subprocess
-    import socket
-    import urllib.request
     import bench
     trace_path = env["TRACE_FILE"]
-    with socket.socket() as s_:
-        s_.bind(("127.0.0.1", 0))
-        port = s_.getsockname()[1]
     spy = os.environ.get("PYSPY")   # py-spy's path: sample the server's processes (raw stacks, per thread)
-    cmd = [sys.executable, os.path.abspath(__file__), f"--port={port}", *flags]
+    cmd = [sys.executable, os.path.abspath(__file__)]
     if spy:
         cmd = [spy, "record", "--rate", "250", "--format", "raw", "--threads", "--subprocesses", "--nonblocking",
                "-o", os.path.join(out, f"pyspy_{variant}.txt"), "--", *cmd]
-    proc = subprocess.Popen(cmd,
-                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(out, f"server_{variant}.log"), "w"), env=env)
-    url, t0 = f"http://127.0.0.1:{port}", time.time()
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited {proc.returncode}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            break
-        except OSError:
-            if time.time() - t0 > 480:
-                proc.kill()
-                raise
-            time.sleep(0.3)
+    proc, url = bench.spawn_server(flags, os.path.join(out, f"server_{variant}.log"), timeout=480, command=cmd, env=env)
     import gc
     client_gc = []
     log_gc(client_gc.append)
