@@ -257,8 +257,12 @@ class Engine:
         self.graphs, self.static, self.pool, self.rope = {}, None, None, None
         # Small prefills replay graphs too: an eager 1b forward is ~1,000 launches, ~22 ms of host time on an
         # H100 whatever its size, so up to ~4k tokens the GPU mostly waits (serve_probe/prefill_host_h100_fc46f2d.json).
-        # A graph's shape is fixed: rows pad to a decode bucket, tokens to a power of two (the padding tokens sit
-        # after each prompt, so causal attention keeps them out of its logits), for whole prompts (cached length 0).
+        # A graph's shape is fixed: rows pad to a bucket, tokens to a power of two (the padding tokens sit after
+        # each prompt, so causal attention keeps them out of its logits), for whole prompts (cached length 0).
+        # Rows have a bucket of their own up to 8: 64 clients' next prompts arrive in bursts of 1-15, and padding
+        # them to decode buckets (5 -> 8 rows of 512 tokens) added 18-27 rows for every 256 prompts prefilled
+        # (results/serve_probe/trace_h100_{freeze,nofreeze}_8d260fa.jsonl).
+        self.prefill_buckets = sorted(set(self.buckets) | set(range(1, min(8, cfg.max_num_seqs) + 1)))
         self.prefill_graphs = {}                                                 # (rows, tokens) -> (buffers, replay)
         # A replay pays a few microseconds per kernel however small, and an eager block is dozens of them (each
         # RMSNorm and RoPE is several elementwise ops): compiling fuses those (bench.py serve: 4.2 -> 2.3 ms, 1b).
@@ -514,7 +518,7 @@ class Engine:
         if buckets is None:   # every padded length a chunk can have, at every row bucket that fits
             top = min(self.cfg.max_model_len or self.cfg.max_num_batched_tokens, self.cfg.max_num_batched_tokens)
             for n in sorted({pad_tokens(k) for k in range(1, top + 1)}):
-                for Bb in self.buckets:
+                for Bb in self.prefill_buckets:
                     if Bb * n <= self.cfg.prefill_graph_tokens:
                         self._capture_prefill(Bb, n)
 
@@ -618,7 +622,7 @@ class Engine:
         tokens write past each prompt (slots that its decode overwrites before reading them) or, past its blocks,
         into the scratch block; padding rows write only there."""
         B = len(items)
-        Bb = next(b for b in self.buckets if b >= B)
+        Bb = next(b for b in self.prefill_buckets if b >= B)
         self._capture_prefill(Bb, n_pad)
         if (Bb, n_pad) not in self.prefill_graphs:   # the capture failed: eager from now on
             for r, n in items:

@@ -2013,15 +2013,16 @@ def test_serve_padded_prefill_matches_generate():
     rows only there), run eagerly here: every greedy output must be model.generate's (float64)."""
     torch.manual_seed(1)
     model = M.Transformer(_serve_model_cfg()).double().eval()
-    cfg = serve.ServeConfig(page=16, num_blocks=56, max_model_len=384, max_num_seqs=8, max_num_batched_tokens=512)
+    cfg = serve.ServeConfig(page=16, num_blocks=128, max_model_len=384, max_num_seqs=16, max_num_batched_tokens=1024)
     eng = serve.Engine(model, cfg)
     eng.use_graphs = True
-    prompts = _serve_prompts(7)   # 5, 42, 79, 19, 56, 93, 33 tokens
+    prompts = _serve_prompts(16)   # 5, 42, 79, 19, 56, 93, 33, 70, 10, 47, 84, 24, 61, 98, 38, 75 tokens
     reqs = [eng.submit(p, serve.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for p in prompts]
     while eng.step():
         pass
-    # one forward of 5 prompts padded to 8 rows x 64 tokens, one of the 79- and 93-token prompts at 2 x 128
-    assert sorted(eng.prefill_graphs) == [(2, 128), (8, 64)]
+    # one forward of the 10 prompts of <= 64 tokens padded to 16 rows x 64, one of the other 6 at 6 x 128 (rows
+    # have buckets of their own up to 8)
+    assert sorted(eng.prefill_graphs) == [(6, 128), (16, 64)]
     assert sorted(eng.free) == list(range(cfg.num_blocks))
     for p, r in zip(prompts, reqs):
         assert r.ids[len(p):] == _reference_greedy(model, p, 12)
