@@ -261,7 +261,7 @@ class Engine:
         # each prompt, so causal attention keeps them out of its logits), for whole prompts (cached length 0).
         # Rows have a bucket of their own up to 8: 64 clients' next prompts arrive in bursts of 1-15, and padding
         # them to decode buckets (5 -> 8 rows of 512 tokens) added 18-27 rows for every 256 prompts prefilled
-        # (results/serve_probe/trace_h100_{freeze,nofreeze}_8d260fa.jsonl).
+        # (`results/serve_probe/trace.py --summarize` on trace_h100_*_8d260fa.jsonl).
         self.prefill_buckets = sorted(set(self.buckets) | set(range(1, min(8, cfg.max_num_seqs) + 1)))
         self.prefill_graphs = {}                                                 # (rows, tokens) -> (buffers, replay)
         # A replay pays a few microseconds per kernel however small, and an eager block is dozens of them (each

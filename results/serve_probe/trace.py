@@ -160,7 +160,14 @@ def steps_summary(lines, C):
         if x[2]:
             b = min(C, 8 * ((x[2] + 7) // 8))
             hist[b] = hist.get(b, 0) + 1
-    return {"steps": len(s), "span_s": round(span, 3), "busy_s": round(busy, 3), "gap_s": round(span - busy, 3),
+    # rows that prefill graphs padded, when a step's prompts (whole, one length) go in graphs of <= 8 rows each
+    # (the 1b bench's 512-token prompts) padded to the decode buckets (powers of two)
+    padded = 0
+    for x in pre:
+        k = x[4]
+        for rows in [8] * (k // 8) + ([k % 8] if k % 8 else []):
+            padded += (1 << (rows - 1).bit_length()) - rows
+    return {"steps": len(s), "span_s": round(span, 3), "prefill_rows_padded_to_pow2": padded, "busy_s": round(busy, 3), "gap_s": round(span - busy, 3),
             "decode_steps": sum(1 for x in s if x[2]), "full_decode_steps": len(full),
             "partial_decode_steps": len(part), "partial_decode_rows_mean": round(sum(x[2] for x in part) / max(1, len(part)), 1),
             "decode_steps_by_rows_upto": dict(sorted(hist.items())),
@@ -316,4 +323,10 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1] == "--summarize":   # an existing step trace: python trace.py --summarize FILE.jsonl C
+        L = [json.loads(x) for x in open(sys.argv[2])]
+        a = sorted(x["a"][0] for x in L if "a" in x)
+        C = int(sys.argv[3])
+        print(json.dumps(steps_summary([x for x in L if "s" not in x or x["s"][0] >= a[C] - 0.002], C)))
+    else:
+        main()
