@@ -370,13 +370,16 @@ class Engine:
         for r, n in prefills:   # a graph per padded length; eager, rows of one cached length and one chunk length
             n_pad = self._padded(r, n)
             groups.setdefault(("graph", n_pad) if n_pad else (r.num_computed, n), []).append((r, n))
-        for (kind, n), items in groups.items():
+        done = []   # every forward is on the GPU before the first is sampled (a sync): the host builds the next
+        for (kind, n), items in groups.items():   # one's inputs while the GPU runs the one before
             if kind == "graph":
                 per = max(1, self.cfg.prefill_graph_tokens // n)   # 0 once a failed capture turned graphs off
                 for i in range(0, len(items), per):
-                    self._prefill_fixed(items[i:i + per], n)
+                    done += self._prefill_fixed(items[i:i + per], n)
             else:
-                self._prefill(items)
+                done += self._prefill(items)
+        for items, logits in done:
+            self._prefilled(items, logits)
         self._flush()
         return bool(decodes or prefills or self.waiting or self.pending)
 
@@ -609,13 +612,13 @@ class Engine:
         self.prefill_graphs[Bb, n] = st, run
 
     def _prefill(self, items):
-        """An eager forward over [(row, n)] of one cached length c and one chunk length n."""
+        """An eager forward over [(row, n)] of one cached length c and one chunk length n -> [(items, last logits)]."""
         rows, n, c = [r for r, _ in items], items[0][1], items[0][0].num_computed
         idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
         table = torch.tensor(self._table(rows, self._blocks_for(c + n)), dtype=torch.int32)
         cache = M.Cache(self.kv, table.to(self.device, non_blocking=True),
                         torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True), start=c)
-        self._prefilled(items, self.model(idx, cache=cache)[:, -1])                                     # (B, V)
+        return [(items, self.model(idx, cache=cache)[:, -1])]                                             # (B, V)
 
     def _prefill_fixed(self, items, n_pad):
         """Whole prompts [(row, n)], n <= n_pad, as one replay of the (bucket rows, n_pad) prefill graph. Padding
@@ -625,9 +628,7 @@ class Engine:
         Bb = next(b for b in self.prefill_buckets if b >= B)
         self._capture_prefill(Bb, n_pad)
         if (Bb, n_pad) not in self.prefill_graphs:   # the capture failed: eager from now on
-            for r, n in items:
-                self._prefill([(r, n)])
-            return
+            return [x for r, n in items for x in self._prefill([(r, n)])]
         st, run = self.prefill_graphs[Bb, n_pad]
         W = st["table"].shape[1]
         idx = [r.ids[:n] + [0] * (n_pad - n) for r, n in items] + [[0] * n_pad] * (Bb - B)
@@ -635,7 +636,8 @@ class Engine:
         st["idx"].copy_(torch.tensor(idx), non_blocking=True)
         st["table"].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
         last = torch.tensor([n - 1 for _, n in items], device=self.device)
-        self._prefilled(items, run()[torch.arange(B, device=self.device), last])                       # (B, V)
+        # a copy of the rows' last logits: the next replay of this graph overwrites its output
+        return [(items, run()[torch.arange(B, device=self.device), last])]                             # (B, V)
 
     def _prefilled(self, items, logits):
         """Advance the rows past their chunks; the rows whose prompt is now whole sample their first token."""
