@@ -370,15 +370,15 @@ class Engine:
         for r, n in prefills:   # a graph per padded length; eager, rows of one cached length and one chunk length
             n_pad = self._padded(r, n)
             groups.setdefault(("graph", n_pad) if n_pad else (r.num_computed, n), []).append((r, n))
-        done = []   # every forward is on the GPU before the first is sampled (a sync): the host builds the next
-        for (kind, n), items in groups.items():   # one's inputs while the GPU runs the one before
+        forwards = []   # all on the GPU before the first is sampled (a sync): the host builds the next one's
+        for (kind, n), items in groups.items():   # inputs while the GPU runs the one before
             if kind == "graph":
                 per = max(1, self.cfg.prefill_graph_tokens // n)   # 0 once a failed capture turned graphs off
                 for i in range(0, len(items), per):
-                    done += self._prefill_fixed(items[i:i + per], n)
+                    forwards += self._prefill_fixed(items[i:i + per], n)
             else:
-                done += self._prefill(items)
-        for items, logits in done:
+                forwards += self._prefill(items)
+        for items, logits in forwards:
             self._prefilled(items, logits)
         self._flush()
         return bool(decodes or prefills or self.waiting or self.pending)
