@@ -39,6 +39,10 @@ SHORT_SPLIT_TOKENS = 64  # ...except in short caches (<= 64 such splits): one ti
 # and waits for it (gdc_wait) before reading its output; MLA_PDL=0 turns it off (results/gpu_log.md row 61)
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
+# MLA_PRELOAD=1: mla_decode's large-batch splits take their page ids from registers (below). Off until an H100
+# run of this exact kernel shows it: a standalone copy took 21.0 vs 27.0 us a layer at 64 rows, and a first port
+# that kept a separate tail tile spilled and took 29.9 (results/gpu_log.md rows 91-92)
+PRELOAD = os.environ.get("MLA_PRELOAD", "0") == "1"
 
 
 def _pdl(t):
@@ -49,16 +53,20 @@ def _pdl(t):
 # ----------------------------------------------------------------------------- stage 1: one KV split
 
 @triton.jit
-def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
+def _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale, pages, pidx, first,
                  R: tl.constexpr, P: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, UPCAST: tl.constexpr):
-    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax."""
+                 MASKED: tl.constexpr, UPCAST: tl.constexpr, NP: tl.constexpr):
+    """Fold cached tokens n0 .. n0+BLOCK_N-1 (only those < end when MASKED) into the online softmax.
+    NP > 0: the split's block-table entries from page `first` on are in registers (pages, pidx)."""
     W: tl.constexpr = R + P
     offs_t = tl.arange(0, BLOCK_N)
     if BLOCK_N <= PAGE:
         # the tile lies inside one page: one block-table entry, and every row at a compile-time
         # offset from it (rows of a page are contiguous), so no per-row pointer registers
-        page = tl.load(bt_row + n0 // PAGE)
+        if NP > 0:   # picked from registers: no load the tile's address waits on, so Triton pipelines 3 deep
+            page = tl.sum(tl.where(pidx == n0 // PAGE - first, pages, 0))
+        else:
+            page = tl.load(bt_row + n0 // PAGE)
         row_ptr = Cache + page.to(tl.int64) * s_cb + (n0 % PAGE) * W + offs_t * W      # (BN,)
     else:
         # small pages: look up each row's page (int64: caches exceed 2^31 elements)
@@ -103,6 +111,7 @@ def _mla_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     DIRECT: tl.constexpr,   # one split: normalise and write o_lat directly, no merge pass
     UPCAST: tl.constexpr,   # CPU interpreter: compute in fp32 (its bf16 arithmetic is wrong)
+    NP: tl.constexpr,       # > 0: load the split's (<= NP) block-table entries once, before the tile loop
     USE_PDL: tl.constexpr = False,   # launched early (PDL): wait for the kernel before first
 ):
     g = tl.program_id(0)  # head group: fastest-varying, so groups sharing a tile run together (L2)
@@ -133,12 +142,22 @@ def _mla_split_kernel(
     l_i = tl.zeros([BLOCK_H], tl.float32)                # running sum of exp2(score - m_i)
     acc = tl.zeros([BLOCK_H, R], tl.float32)             # running sum of p . c
     bt_row = BlockTable + b * s_bt
-    for n0 in range(start, n_full, BLOCK_N):
-        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale,
-                                     R, P, PAGE, BLOCK_N, False, UPCAST)
-    if n_full < end:
-        acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale,
-                                     R, P, PAGE, BLOCK_N, True, UPCAST)
+    first = start // PAGE
+    pages, pidx = 0, 0
+    if NP > 0:
+        pidx = tl.arange(0, NP)
+        pages = tl.load(bt_row + first + pidx, mask=first + pidx <= (end - 1) // PAGE, other=0)
+        # one loop, every tile masked: a second (tail) copy of the tile code spilled 4 warps' registers
+        for n0 in range(start, end, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale, pages,
+                                         pidx, first, R, P, PAGE, BLOCK_N, True, UPCAST, NP)
+    else:
+        for n0 in range(start, n_full, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n0, end, qk_scale, pages,
+                                         pidx, first, R, P, PAGE, BLOCK_N, False, UPCAST, NP)
+        if n_full < end:
+            acc, m_i, l_i = _attend_tile(q_lat, q_pe, acc, m_i, l_i, Cache, bt_row, s_cb, n_full, end, qk_scale, pages,
+                                         pidx, first, R, P, PAGE, BLOCK_N, True, UPCAST, NP)
 
     # an empty split (or empty row) has l_i == 0: write o = 0 and lse = -inf, so it weighs nothing
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -224,6 +243,11 @@ def head_group(H):
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(device):
+    return torch.cuda.get_device_capability(device)[0]
+
+
+@functools.lru_cache(maxsize=None)
 def _num_sms(device):
     if device.type != "cuda":
         return 8  # CPU interpreter: a pretend GPU, so tests exercise several splits
@@ -272,7 +296,7 @@ def _check(q_lat, q_pe, cache, block_table, seq_lens):
 
 
 def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, num_splits=None, config=None,
-               partials=False):
+               partials=False, preload=None):
     """One MLA decode step over a paged latent cache. Returns o_lat (B, H, R) in q_lat's dtype.
 
     q_lat (B,H,R), q_pe (B,H,P): queries, already absorbed / roped. cache (num_blocks, page, R+P):
@@ -284,6 +308,8 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     once outside the capture: Triton JIT-compiles on the first call of each shape class).
     partials: with several splits, skip the merge and return (o_part (B,H,S,R) fp32, lse (B,H,S)) for
     merge_uv, which merges them inside the W_UV product (one kernel fewer).
+    preload: load each split's block-table entries once, before its tile loop (needs tiles <= a page);
+    default: for large batches on Hopper when MLA_PRELOAD=1 (below).
     """
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     B, H, R = q_lat.shape
@@ -318,11 +344,18 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
             s_ob, s_oh, s_os, s_lb, s_lh, out.stride(0), out.stride(1))
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
-    bn, warps, stages = config or ((64, 8, 2) if wide and split_tokens >= 128 else
-                                   launch_config(BLOCK_H, split_tokens, INTERPRET or upcast))
+    # At 64 rows (one program an SM, ~5 tiles each) a tile's page id is a load its tile load waits on, and the
+    # loop pipelines 2 deep: 27.0 us a layer. With the split's page ids loaded up front (MLA_PRELOAD), 3 stages
+    # (3 x 74 KB of shared memory: Hopper's 227 KB) in 4 warps took 21.0 in results/serve_probe/attn64.py.
+    hopper = not upcast and _capability(q_lat.device) >= 9
+    if preload is None:
+        preload = PRELOAD and wide and hopper and split_tokens >= 128 and page >= 64
+    bn, warps, stages = config or ((64, 4, 3) if preload and hopper else (64, 8, 2) if wide and split_tokens >= 128
+                                   else launch_config(BLOCK_H, split_tokens, INTERPRET or upcast))
+    np_ = triton.next_power_of_2(triton.cdiv(split_tokens, page) + 1) if preload and bn <= page else 0
     pdl = _pdl(q_lat)
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
-                            UPCAST=upcast, num_warps=warps, num_stages=stages, **pdl)
+                            UPCAST=upcast, NP=np_, num_warps=warps, num_stages=stages, **pdl)
     if partials and not direct:
         return o_part, lse
     if not direct:

@@ -472,7 +472,7 @@ def test_hf_errors_are_one_line_and_name_the_folder(tmp_path):
 import mla_kernel  # noqa: E402
 
 
-def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None, config=None, spare=1):
+def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None, config=None, spare=1, preload=None):
     """Random queries and per-row keys, scattered into a paged cache through a shuffled block
     table whose spare pages hold random junk; returns (kernel output, float64 reference computed
     from the unpaged rows, kernel inputs)."""
@@ -497,7 +497,7 @@ def _kernel_case(B, H, R, P, page, lens, dtype, seed, num_splits=None, config=No
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     out = torch.full((B, H, R), float("nan"), dtype=dtype)               # poison: every element must be written
     mla_kernel.mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=out, num_splits=num_splits,
-                          config=config)
+                          config=config, preload=preload)
     return out, ref, (q_lat, q_pe, cache, block_table, seq_lens, sm_scale)
 
 
@@ -530,6 +530,22 @@ def test_kernel_fresh_inputs_and_splits_agree():
             assert _rel_err(out, ref) < 2e-3
         for out, _, _ in outs[1:]:
             assert (outs[0][0].float() - out.float()).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize("page,splits,config", [
+    (64, 3, (32, 4, 2)),     # splits of 256 tokens: 4 pages each, two tiles a page
+    (128, 4, (64, 4, 2)),    # splits of 192 tokens: every other split starts mid-page
+])
+def test_kernel_preloaded_page_ids_match_float64(page, splits, config):
+    # large batches take each split's page ids from registers (loaded before the tile loop): same result
+    lens = [600, 333, 0, 65]
+    out, ref, _ = _kernel_case(4, 16, 64, 32, page, lens, torch.float16, seed=page, num_splits=splits, config=config,
+                               preload=True)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < 2e-3
+    plain, _, _ = _kernel_case(4, 16, 64, 32, page, lens, torch.float16, seed=page, num_splits=splits, config=config,
+                               preload=False)
+    assert (out.float() - plain.float()).abs().max().item() < 2e-3
 
 
 def test_kernel_empty_row_gives_zeros():

@@ -1,7 +1,7 @@
 # Issue 9 probe (GPU): why does the 64-row decode attention take ~29 us a layer for ~14 us of cache reads, and
 # does a split kernel without a dependent load in its loop, or with the next tile loaded by hand, do better?
 #  - the production kernel (mla_kernel.mla_decode: split + merge), and whether Triton pipelined its tile loads
-#    (cp.async in the PTX);
+#    (cp.async in the PTX); then mla_decode(preload=True), the opt-in port of variant V (MLA_PRELOAD=1);
 #  - variant V: the split's block-table entries loaded once before the loop (a tile's address is then a
 #    reduction over registers, not a load), PREFETCH=1: tile i+1 loaded into registers while tile i computes.
 # Each timing is a CUDA graph of 24 layer calls on 24 separate caches (42 MB each: no L2 reuse), per layer.
@@ -136,7 +136,13 @@ def main():
         res["production_ptx"] = f"{type(e).__name__}: {e}"
     print("production", res["rows"]["production"], res.get("production_ptx"), flush=True)
 
-
+    def prod_preload():   # mla_decode's opt-in path (MLA_PRELOAD=1 turns it on in serving)
+        for i in range(L):
+            K.mla_decode(q_lat, q_pe, kv[i], table, lens, scale, out=out, preload=True)
+    prod_preload()
+    err = (out.float() - K.mla_decode_ref(q_lat, q_pe, kv[L - 1], table, lens, scale).float()).abs().max().item()
+    res["rows"]["production preload"] = {"us": graph_us(prod_preload), "max_err": round(err, 4)}
+    print("production preload", res["rows"]["production preload"], flush=True)
     json.dump(res, open(os.path.join(out_dir, "attn64.json"), "w"), indent=1)
 
     if os.environ.get("ONLY_PRODUCTION"):
