@@ -79,6 +79,7 @@ class ServeFlags:
     duration: int = 60                 # robustness: seconds of load
     examples: int = 100                # robustness: schemathesis examples per operation
     server_args: str = ""              # more serve.py flags, space-separated (e.g. --engine_process=False)
+    client_procs: int = 0              # load generator processes (0: one per 2 CPU cores, at most 8; 1: threads only)
     out: str = ""                      # JSON path (default results/bench_serve_<card>.json)
 
 
@@ -603,33 +604,94 @@ def client_request(url, path, body, api_key=None, timeout=600.0, hang_up_after=N
     return rec
 
 
-def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None):
+def run_load(url, make_request, concurrency, duration=None, num_requests=None, api_key=None, procs=1):
     """`concurrency` client threads, each sending make_request(i) -> (path, body, hang_up_after) back to back,
-    for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds)."""
+    for `duration` seconds or until num_requests have been sent. Returns (records, wall seconds).
+    procs > 1 (with num_requests): the threads are spread over that many processes. One process of 64
+    threads used 0.86 of a core on an H100 host, sent a round's 64 requests over 35-47 ms and read chunks
+    in bursts (ITL p50 0.03 ms): its own GIL paced the server it measures."""
     # this process imports torch: a full garbage collection walks all it left (serve.py's took 140-173 ms) and
     # stalls every client thread at once. Those objects live on anyway: frozen, no collection looks at them
     gc.freeze()
-    counter, lock, records = iter(range(10 ** 9)), threading.Lock(), []
-    t0 = time.perf_counter()
+    try:
+        return _run_load(url, make_request, concurrency, duration, num_requests, api_key, max(1, min(procs, concurrency)))
+    finally:
+        gc.unfreeze()   # collectable again (frozen objects outlive even interpreter exit)
+
+
+def _run_load(url, make_request, concurrency, duration, num_requests, api_key, procs):
+    if procs == 1 or num_requests is None:
+        counter, lock = iter(range(10 ** 9)), threading.Lock()
+
+        def take():
+            with lock:
+                return next(counter)
+
+        t0 = time.perf_counter()
+        records = _clients(url, make_request, concurrency, take, t0, duration, num_requests, api_key)
+        return records, time.perf_counter() - t0
+    import multiprocessing as mp
+    import queue as queue_
+    ctx = mp.get_context("spawn")   # not fork: this process may hold a CUDA context and threads of its own
+    reqs = [make_request(i) for i in range(num_requests)]   # made here: make_request need not pickle
+    counter, start, done = ctx.Value("q", 0), ctx.Barrier(procs + 1), ctx.Queue()
+    ps = [ctx.Process(target=_load_process, daemon=True,
+                      args=(url, reqs, concurrency // procs + (k < concurrency % procs), api_key, counter, start, done))
+          for k in range(procs)]
+    for p in ps:
+        p.start()
+    try:
+        start.wait(timeout=300)   # every process started (each imports this file) before the clock starts
+        t0, results = time.perf_counter(), []
+        while len(results) < procs:
+            try:
+                results.append(done.get(timeout=1.0))
+            except queue_.Empty:
+                if any(p.exitcode not in (None, 0) for p in ps):
+                    raise RuntimeError("a load generator process died") from None
+    finally:
+        for p in ps:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    return [r for recs, _ in results for r in recs], max(end for _, end in results) - t0
+
+
+def _load_process(url, reqs, threads, api_key, counter, start, done):
+    """One process of run_load: `threads` clients taking request numbers from the shared counter."""
+    gc.freeze()
+
+    def take():
+        with counter.get_lock():
+            counter.value += 1
+            return counter.value - 1
+
+    start.wait()
+    records = _clients(url, reqs.__getitem__, threads, take, time.perf_counter(), None, len(reqs), api_key)
+    done.put((records, time.perf_counter()))   # perf_counter is CLOCK_MONOTONIC: one clock for all processes
+    gc.unfreeze()
+
+
+def _clients(url, make_request, threads, take, t0, duration, num_requests, api_key):
+    records, lock = [], threading.Lock()
 
     def client():
         while True:
-            with lock:
-                i = next(counter)
+            i = take()
             if (num_requests is not None and i >= num_requests) or (duration is not None and time.perf_counter() - t0 > duration):
                 return
             path, body, hang_up = make_request(i)
             rec = client_request(url, path, body, api_key, hang_up_after=hang_up)
-            rec["i"] = i
+            rec["i"], rec["pid"] = i, os.getpid()
             with lock:
                 records.append(rec)
 
-    threads = [threading.Thread(target=client, daemon=True) for _ in range(concurrency)]
-    for t in threads:
+    pool = [threading.Thread(target=client, daemon=True) for _ in range(threads)]
+    for t in pool:
         t.start()
-    for t in threads:
+    for t in pool:
         t.join()
-    return records, time.perf_counter() - t0
+    return records
 
 
 def pct(xs, q):
@@ -744,7 +806,7 @@ def bench_serve(argv):
     flags = [f"--ckpt={ckpt}", f"--dtype={cfg.dtype}", f"--page={cfg.page}", f"--max_num_seqs={max(levels)}",
              f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg.page)}",
              f"--max_num_batched_tokens={max(8192, max(levels))}", "--served_model_name=bench", *cfg.server_args.split()]
-    rows = []
+    rows, procs = [], cfg.client_procs or min(8, max(1, (os.cpu_count() or 2) // 2))
     # Batch-1 decode reads every weight once per token: its roofline is weight bytes x tokens/s over the
     # measured copy bandwidth (16-bit weights: what serve.py's --dtype=auto picks on CUDA).
     n_params = sum(p.numel() for p in M.load_checkpoint(ckpt).parameters())
@@ -766,8 +828,8 @@ def bench_serve(argv):
     def dump():   # after every level: a call cut short keeps what it measured
         result = {"provenance": provenance(card), "targets": targets(),
                   "config": {**asdict(cfg), "ckpt": cfg.ckpt or f"random {cfg.preset}",
-                             "server_flags": flags[1:], "requests": n_req},
-                  "notes": "closed-loop clients over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
+                             "server_flags": flags[1:], "requests": n_req, "client_processes": procs},
+                  "notes": "closed-loop clients (threads over client_processes processes) over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
                            "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
                            "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
                            "after a device sync); its TTFT is the batch's prefill.", "rows": rows}
@@ -779,9 +841,9 @@ def bench_serve(argv):
             return ("/v1/completions", {"prompt": prompts[i % len(prompts)], "max_tokens": T, "temperature": 0,
                                         "ignore_eos": True, "stream": True, "return_token_ids": True,
                                         "stream_options": {"include_usage": True}}, None)
-        run_load(url, body, max(levels), num_requests=max(levels))   # warm-up: CUDA context, Triton JIT
+        run_load(url, body, max(levels), num_requests=max(levels), procs=procs)   # warm-up: CUDA context, Triton JIT
         for c in levels:
-            recs, wall = run_load(url, body, c, num_requests=n_req[c])
+            recs, wall = run_load(url, body, c, num_requests=n_req[c], procs=procs)
             rows.append({"engine": "serve.py", "concurrency": c, **summarize(recs, wall)})
             print(serve_line(rows[-1]), flush=True)
             dump()

@@ -39,10 +39,10 @@ SHORT_SPLIT_TOKENS = 64  # ...except in short caches (<= 64 such splits): one ti
 # and waits for it (gdc_wait) before reading its output; MLA_PDL=0 turns it off (results/gpu_log.md row 61)
 PDL = (not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
        and os.environ.get("MLA_PDL", "1") == "1")
-# MLA_PRELOAD=1: mla_decode's large-batch splits take their page ids from registers (below). Off until an H100
-# run of this exact kernel shows it: a standalone copy took 21.0 vs 27.0 us a layer at 64 rows, and a first port
-# that kept a separate tail tile spilled and took 29.9 (results/gpu_log.md rows 91-92)
-PRELOAD = os.environ.get("MLA_PRELOAD", "0") == "1"
+# Large-batch splits take their page ids from registers (below): 20.1 instead of 26.9 us a layer at 64 rows on
+# an H100, and bench.py serve at 64 clients 16,058 vs 15,805 tok/s (results/gpu_log.md rows 93-94). A first
+# port that kept a separate tail tile spilled and took 29.9 (row 92). MLA_PRELOAD=0 turns it off.
+PRELOAD = os.environ.get("MLA_PRELOAD", "1") == "1"
 
 
 def _pdl(t):
@@ -309,7 +309,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     partials: with several splits, skip the merge and return (o_part (B,H,S,R) fp32, lse (B,H,S)) for
     merge_uv, which merges them inside the W_UV product (one kernel fewer).
     preload: load each split's block-table entries once, before its tile loop (needs tiles <= a page);
-    default: for large batches on Hopper when MLA_PRELOAD=1 (below).
+    default: for large batches on Hopper (MLA_PRELOAD=0: never).
     """
     _check(q_lat, q_pe, cache, block_table, seq_lens)
     B, H, R = q_lat.shape
@@ -345,8 +345,8 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     grid = (groups, B, num_splits)
     upcast = q_lat.device.type != "cuda"
     # At 64 rows (one program an SM, ~5 tiles each) a tile's page id is a load its tile load waits on, and the
-    # loop pipelines 2 deep: 27.0 us a layer. With the split's page ids loaded up front (MLA_PRELOAD), 3 stages
-    # (3 x 74 KB of shared memory: Hopper's 227 KB) in 4 warps took 21.0 in results/serve_probe/attn64.py.
+    # loop pipelines 2 deep: 26.9 us a layer. With the split's page ids loaded up front, 3 stages (3 x 74 KB
+    # of shared memory: Hopper's 227 KB) in 4 warps take 20.1 (results/serve_probe/attn64.py).
     hopper = not upcast and _capability(q_lat.device) >= 9
     if preload is None:
         preload = PRELOAD and wide and hopper and split_tokens >= 128 and page >= 64

@@ -2416,6 +2416,34 @@ def test_serve_disconnect_frees_blocks(serve_proc):
 
 
 @_needs_serve
+def test_bench_load_generator_processes(serve_proc):
+    """bench.run_load with its clients spread over 2 processes (as `bench.py serve` runs them on a GPU host):
+    every request is sent once, from those processes, every stream ends with [DONE], the wall time covers
+    every request's latency (one clock across processes), and /metrics counts the tokens the records report."""
+    import bench
+    s = serve_proc
+    before = s.metrics()
+
+    def body(i):
+        return "/v1/completions", {"model": "ic-test", "prompt": [65 + i, 66, 67], "max_tokens": 3 + i % 3,
+                                   "temperature": 0, "ignore_eos": True, "stream": True,
+                                   "stream_options": {"include_usage": True}}, None
+
+    t0 = time.perf_counter()
+    recs, wall = bench.run_load(s.url, body, 3, num_requests=7, api_key=_SERVE_KEY, procs=2)
+    outer = time.perf_counter() - t0
+    recs.sort(key=lambda r: r["i"])
+    assert [r["i"] for r in recs] == list(range(7))
+    assert all(r["done"] and r["status"] == 200 and r["error"] is None for r in recs)
+    assert [r["completion_tokens"] for r in recs] == [3 + i % 3 for i in range(7)]
+    assert [r["prompt_tokens"] for r in recs] == [3] * 7
+    assert len({r["pid"] for r in recs}) == 2 and os.getpid() not in {r["pid"] for r in recs}
+    assert max(r["latency"] for r in recs) <= wall <= outer
+    after = s.metrics()
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == sum(3 + i % 3 for i in range(7))
+
+
+@_needs_serve
 def test_serve_metrics_count_tokens(serve_proc):
     """/metrics counts prompt and generated tokens exactly (against the tokenizer and usage)."""
     s = serve_proc
