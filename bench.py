@@ -947,6 +947,7 @@ def hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, dtype, rows, dump
         return t0, clock.times
 
     run(prompts[:2])   # warm-up
+    gc.freeze()   # as serve.py's processes do: no full collection walks torch's and transformers' objects mid-run
     for c in levels:
         ttft, itl, gen, t_start = [], [], 0, time.perf_counter()
         for s in range(0, n_req[c], c):
