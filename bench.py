@@ -786,6 +786,8 @@ def bench_serve(argv):
     levels = int_list("serve", "concurrency", cfg.concurrency)
     if cfg.preset not in M.PRESETS:
         die(f"serve: --preset={cfg.preset!r}: choose one of {', '.join(M.PRESETS)}")
+    if cfg.client_procs < 0:
+        die(f"serve: --client_procs={cfg.client_procs}: must be >= 0 (0: one per 2 CPU cores)")
     tmp = tempfile.mkdtemp(prefix="bench-serve-")
     ckpt = cfg.ckpt
     if not ckpt:
