@@ -117,17 +117,20 @@ def sample_rows(logits, params, generators):
         return out
     B, V = len(rows), logits.shape[-1]
     dev = logits.device
-    temp = torch.tensor([params[i].temperature for i in rows], dtype=logits.dtype, device=dev)
-    k = torch.tensor([params[i].top_k if 0 < params[i].top_k < V else V for i in rows], device=dev)
-    top_p = torch.tensor([params[i].top_p for i in rows], dtype=logits.dtype, device=dev)
-    sorted_l, order = (logits[rows] / temp[:, None]).sort(-1, descending=True)       # (B, V)
+    # the rows' settings reach the device without waiting for it: torch.tensor(..., device=cuda) (and indexing
+    # with a list) is a blocking copy that waits for the decode step just launched, so sampled rows would lose
+    # the engine's step-ahead overlap
+    tp = torch.tensor([[params[i].temperature, params[i].top_p] for i in rows], dtype=logits.dtype).to(dev, non_blocking=True)
+    ik = torch.tensor([rows, [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]]).to(dev, non_blocking=True)
+    temp, top_p, idx, k = tp[:, 0], tp[:, 1], ik[0], ik[1]                           # (B,) each
+    sorted_l, order = (logits[idx] / temp[:, None]).sort(-1, descending=True)        # (B, V)
     sorted_l = sorted_l.masked_fill(sorted_l < sorted_l.gather(1, k[:, None] - 1), float("-inf"))
     p_sorted = sorted_l.softmax(-1)
     sorted_l = sorted_l.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p[:, None], float("-inf"))
     probs = torch.empty_like(sorted_l).scatter_(-1, order, sorted_l.softmax(-1))   # (B, V)
     q = torch.stack([torch.empty(V, dtype=probs.dtype, device=dev).exponential_(generator=generators[i])
                      for i in rows])
-    out[rows] = (probs / q.clamp_min(1e-20)).argmax(-1)  # p = 0 never wins; E = 0 (rounding) cannot give NaN
+    out[idx] = (probs / q.clamp_min(1e-20)).argmax(-1)   # p = 0 never wins; E = 0 (rounding) cannot give NaN
     return out
 
 
@@ -635,7 +638,8 @@ class Engine:
         table = self._table([r for r, _ in items], W, self.scratch) + [[self.scratch] * W] * (Bb - B)
         st["idx"].copy_(torch.tensor(idx), non_blocking=True)
         st["table"].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
-        last = torch.tensor([n - 1 for _, n in items], device=self.device)
+        last = torch.tensor([n - 1 for _, n in items]).to(self.device, non_blocking=True)   # not a blocking copy: it
+        # would wait for the GPU's queue (the decode step, the last prefill replay) before this replay is launched
         # a copy of the rows' last logits: the next replay of this graph overwrites its output
         return [(items, run()[torch.arange(B, device=self.device), last])]                             # (B, V)
 

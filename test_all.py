@@ -2100,6 +2100,24 @@ def test_serve_sampling_matches_closed_form():
     assert again[:3].tolist() == [0, 0, 0] and again[3:].tolist() == toks[:50].tolist()[::-1]
 
 
+@pytest.mark.skipif(serve is None or not torch.cuda.is_available(), reason="needs CUDA: host-device syncs")
+def test_serve_sampling_does_not_sync():
+    """Sampled rows (OpenAI's default, temperature 1) are drawn without a host-device sync: a blocking copy
+    would make the host wait for the decode step it just launched (CUDA only)."""
+    logits = torch.randn(8, 300, device="cuda")
+    params = ([serve.SamplingParams(max_tokens=1, temperature=0.8, top_k=20, top_p=0.9)] * 4
+              + [serve.SamplingParams(max_tokens=1, temperature=0.0)] * 4)
+    gens = [torch.Generator("cuda").manual_seed(s) for s in range(8)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = serve.sample_rows(logits, params, gens)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    top20 = logits[:4].topk(20, dim=-1).indices
+    assert (out[4:] == logits[4:].argmax(-1)).all() and (top20 == out[:4, None]).any(-1).all()
+
+
 @_needs_serve
 def test_serve_cli_errors(tmp_path, capsys, monkeypatch):
     """--help lists every flag; bad flags, a missing checkpoint, a broken one, --backend=vllm without vLLM:
