@@ -126,9 +126,8 @@ def sample_rows(logits, params, generators):
         return out
     B, V = len(rows), logits.shape[-1]
     dev = logits.device
-    # the rows' settings reach the device without waiting for it: torch.tensor(..., device=cuda) (and indexing
-    # with a list) is a blocking copy that waits for the decode step just launched, so sampled rows would lose
-    # the engine's step-ahead overlap
+    # settings and row indices via to_device: torch.tensor(..., device=cuda) or indexing with a list is a blocking
+    # copy, which waits for the decode step just launched (sampled rows lost the step-ahead overlap)
     tp = to_device([[params[i].temperature, params[i].top_p] for i in rows], logits.dtype, dev)
     ik = to_device([rows, [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]], torch.long, dev)
     temp, top_p, idx, k = tp[:, 0], tp[:, 1], ik[0], ik[1]                           # (B,) each
