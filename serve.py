@@ -105,15 +105,6 @@ class SamplingParams:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
-def to_device(rows, dtype, device):
-    """A tensor of rows on `device`, its copy queued behind the GPU's work instead of waiting for it. From pageable
-    memory the CUDA runtime may first sync with the stream (py-spy put ~0.34 ms of every decode step on such a
-    copy: results/serve_probe/trace_h100_pyspy_dc9c684.json); from pinned memory it does not. PyTorch's caching
-    host allocator keeps the pinned block until the copy has run."""
-    t = torch.tensor(rows, dtype=dtype)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
-
-
 def sample_rows(logits, params, generators):
     """logits (B, V), one SamplingParams and torch.Generator per row -> token ids (B,).
     Greedy rows take the argmax. Sampled rows: temperature, then top-k, then top-p (model.sample's
@@ -126,10 +117,11 @@ def sample_rows(logits, params, generators):
         return out
     B, V = len(rows), logits.shape[-1]
     dev = logits.device
-    # settings and row indices via to_device: torch.tensor(..., device=cuda) or indexing with a list is a blocking
-    # copy, which waits for the decode step just launched (sampled rows lost the step-ahead overlap)
-    tp = to_device([[params[i].temperature, params[i].top_p] for i in rows], logits.dtype, dev)
-    ik = to_device([rows, [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]], torch.long, dev)
+    # the rows' settings reach the device without waiting for it: torch.tensor(..., device=cuda) (and indexing
+    # with a list) is a blocking copy that waits for the decode step just launched, so sampled rows would lose
+    # the engine's step-ahead overlap
+    tp = torch.tensor([[params[i].temperature, params[i].top_p] for i in rows], dtype=logits.dtype).to(dev, non_blocking=True)
+    ik = torch.tensor([rows, [params[i].top_k if 0 < params[i].top_k < V else V for i in rows]]).to(dev, non_blocking=True)
     temp, top_p, idx, k = tp[:, 0], tp[:, 1], ik[0], ik[1]                           # (B,) each
     sorted_l, order = (logits[idx] / temp[:, None]).sort(-1, descending=True)        # (B, V)
     sorted_l = sorted_l.masked_fill(sorted_l < sorted_l.gather(1, k[:, None] - 1), float("-inf"))
@@ -468,7 +460,7 @@ class Engine:
         flat = [b for row in self._table(rows, W, fill) for b in row]
         flat += [0 if r.lag else r.ids[-1] for r in rows] + [r.num_computed for r in rows]
         flat += [i for i, _ in moved] + [j for _, j in moved]
-        buf = to_device(flat, torch.int32, self.device)
+        buf = torch.tensor(flat, dtype=torch.int32).to(self.device, non_blocking=True)
         table, idx, lens = buf[:B * W].view(B, W), buf[B * W:B * W + B], buf[B * W + B:B * W + 2 * B]   # (B, W), (B,), (B,)
         idx = idx.long()
         if moved:
@@ -625,9 +617,10 @@ class Engine:
     def _prefill(self, items):
         """An eager forward over [(row, n)] of one cached length c and one chunk length n -> [(items, last logits)]."""
         rows, n, c = [r for r, _ in items], items[0][1], items[0][0].num_computed
-        idx = to_device([r.ids[c:c + n] for r in rows], torch.long, self.device)                         # (B, n)
-        table = to_device(self._table(rows, self._blocks_for(c + n)), torch.int32, self.device)
-        cache = M.Cache(self.kv, table, to_device([c] * len(rows), torch.int32, self.device), start=c)
+        idx = torch.tensor([r.ids[c:c + n] for r in rows]).to(self.device, non_blocking=True)          # (B, n)
+        table = torch.tensor(self._table(rows, self._blocks_for(c + n)), dtype=torch.int32)
+        cache = M.Cache(self.kv, table.to(self.device, non_blocking=True),
+                        torch.full((len(rows),), c, dtype=torch.int32).to(self.device, non_blocking=True), start=c)
         return [(items, self.model(idx, cache=cache)[:, -1])]                                             # (B, V)
 
     def _prefill_fixed(self, items, n_pad):
@@ -643,9 +636,10 @@ class Engine:
         W = st["table"].shape[1]
         idx = [r.ids[:n] + [0] * (n_pad - n) for r, n in items] + [[0] * n_pad] * (Bb - B)
         table = self._table([r for r, _ in items], W, self.scratch) + [[self.scratch] * W] * (Bb - B)
-        st["idx"].copy_(to_device(idx, torch.long, self.device))
-        st["table"].copy_(to_device(table, torch.int32, self.device))
-        last = to_device([n - 1 for _, n in items], torch.long, self.device)
+        st["idx"].copy_(torch.tensor(idx), non_blocking=True)
+        st["table"].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
+        last = torch.tensor([n - 1 for _, n in items]).to(self.device, non_blocking=True)   # not a blocking copy: it
+        # would wait for the GPU's queue (the decode step, the last prefill replay) before this replay is launched
         # a copy of the rows' last logits: the next replay of this graph overwrites its output
         return [(items, run()[torch.arange(B, device=self.device), last])]                             # (B, V)
 

@@ -2108,7 +2108,7 @@ def test_serve_sampling_does_not_sync():
     params = ([serve.SamplingParams(max_tokens=1, temperature=0.8, top_k=20, top_p=0.9)] * 4
               + [serve.SamplingParams(max_tokens=1, temperature=0.0)] * 4)
     gens = [torch.Generator("cuda").manual_seed(s) for s in range(8)]
-    serve.sample_rows(logits, params, gens)                   # warm-up: first calls allocate pinned blocks
+    serve.sample_rows(logits, params, gens)                   # warm-up: the first call allocates
     torch.cuda.synchronize()
     torch.cuda._sleep(1 << 31)                                # ~1 s of GPU work queued ahead, as a decode step is
     out = serve.sample_rows(logits, params, gens)
