@@ -809,6 +809,11 @@ def bench_serve(argv):
              f"--max_model_len={P + T}", f"--kv_cache_tokens={max(levels) * (P + T + cfg.page)}",
              f"--max_num_batched_tokens={max(8192, max(levels))}", "--served_model_name=bench", *cfg.server_args.split()]
     rows, procs = [], cfg.client_procs or min(8, max(1, (os.cpu_count() or 2) // 2))
+    phase_s, t0 = {}, time.perf_counter()   # where a run's minutes go (device time is scarce): seconds per phase
+
+    def phase(name):
+        nonlocal t0
+        phase_s[name], t0 = round(time.perf_counter() - t0, 1), time.perf_counter()
     # Batch-1 decode reads every weight once per token: its roofline is weight bytes x tokens/s over the
     # measured copy bandwidth (16-bit weights: what serve.py's --dtype=auto picks on CUDA).
     n_params = sum(p.numel() for p in M.load_checkpoint(ckpt).parameters())
@@ -834,19 +839,25 @@ def bench_serve(argv):
                   "notes": "closed-loop clients (threads over client_processes processes) over loopback HTTP (server-sent events, one chunk per token); TTFT includes "
                            "queueing; ITL = gaps between chunks as the client sees them. transformers: static batches "
                            "of `concurrency` rows, timestamps from a logits processor (one call per generated token, "
-                           "after a device sync); its TTFT is the batch's prefill.", "rows": rows}
+                           "after a device sync); its TTFT is the batch's prefill.", "phase_s": phase_s,
+                  "server_startup": server_startup, "rows": rows}
         write_json(cfg.out or os.path.join(ROOT, "results", f"bench_serve_{card_slug(card)}.json"), result)
 
     proc, url = spawn_server(flags, os.path.join(tmp, "server.log"), timeout=480)   # CUDA: compile + capture first
+    phase("setup_and_server_start")
+    with open(os.path.join(tmp, "server.log")) as f:   # its own lines: what it built and how long capture took
+        server_startup = [line.strip() for line in f if line.startswith("serve.py:")]
     try:
         def body(i):
             return ("/v1/completions", {"prompt": prompts[i % len(prompts)], "max_tokens": T, "temperature": 0,
                                         "ignore_eos": True, "stream": True, "return_token_ids": True,
                                         "stream_options": {"include_usage": True}}, None)
         run_load(url, body, max(levels), num_requests=max(levels), procs=procs)   # warm-up: CUDA context, Triton JIT
+        phase("warm_up")
         for c in levels:
             recs, wall = run_load(url, body, c, num_requests=n_req[c], procs=procs)
             rows.append({"engine": "serve.py", "concurrency": c, **summarize(recs, wall)})
+            phase(f"serve_c{c}")
             print(serve_line(rows[-1]), flush=True)
             dump()
     finally:
@@ -854,12 +865,15 @@ def bench_serve(argv):
         proc.wait(timeout=120)
     if cfg.baseline:
         hf_generate_baseline(ckpt, tmp, prompts, levels, n_req, T, cfg.dtype, rows, dump)
+        phase("baseline")
+        dump()
     if torch.cuda.is_available():   # last: a CUDA error here poisons the process
         engine = engine_decode(flags, prompts[0], T, torch.device("cuda"), torch.bfloat16)
         for row in engine.values() if copy_gbs else ():
             row.update({k.replace("ms", "pct_roofline"): pct_roofline(row[k])
                         for k in ("graph_replay_ms", "engine_step_ms") if row.get(k)})
         rows.append({"engine": "serve.Engine in-process, batch 1", **engine})
+        phase("engine_in_process")
         print(f"engine in-process, batch 1: {engine}", flush=True)
         dump()
 

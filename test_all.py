@@ -2461,6 +2461,33 @@ def test_bench_load_generator_processes(serve_proc):
 
 
 @_needs_serve
+def test_bench_serve_end_to_end(tmp_path):
+    """`python bench.py serve` as the README runs it, small: serve.py and transformers' generate at each
+    concurrency; every row's token counts are the closed form (requests x max_tokens), throughput is tokens over
+    wall time, the target ratio is the two engines' throughputs, and the run records its phases' times."""
+    import json
+    out, (P, T, rounds) = tmp_path / "serve.json", (16, 5, 2)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "serve", "--preset=tiny", "--concurrency=1,3",
+                        f"--rounds={rounds}", f"--max_tokens={T}", f"--prompt_len={P}", "--client_procs=1", f"--out={out}"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads(out.read_text())
+    rows = {(r["engine"], r["concurrency"]): r for r in d["rows"]}
+    assert set(rows) == {(e, c) for e in ("serve.py", "transformers.generate") for c in (1, 3)}
+    for (engine, c), r in rows.items():
+        n = c * rounds
+        assert r["requests"] == n and r["generated_tokens"] == n * T
+        w = r["wall_s"]   # rounded to the ms
+        assert n * T / (w + 5e-4) - 0.01 <= r["throughput_tok_s"] <= n * T / max(w - 5e-4, 1e-9) + 0.01
+        if engine == "serve.py":
+            assert r["completed"] == n and r["statuses"] == {"200": n} and r["prompt_tokens"] == n * P
+    assert d["targets"]["speedup_c3"] == round(rows["serve.py", 3]["throughput_tok_s"]
+                                               / rows["transformers.generate", 3]["throughput_tok_s"], 2)
+    assert list(d["phase_s"]) == ["setup_and_server_start", "warm_up", "serve_c1", "serve_c3", "baseline"]
+    assert d["server_startup"][0].startswith("serve.py: bench (") and d["config"]["requests"] == {"1": 2, "3": 6}
+
+
+@_needs_serve
 def test_serve_metrics_count_tokens(serve_proc):
     """/metrics counts prompt and generated tokens exactly (against the tokenizer and usage)."""
     s = serve_proc
