@@ -638,8 +638,9 @@ class Engine:
         table = self._table([r for r, _ in items], W, self.scratch) + [[self.scratch] * W] * (Bb - B)
         st["idx"].copy_(torch.tensor(idx), non_blocking=True)
         st["table"].copy_(torch.tensor(table, dtype=torch.int32), non_blocking=True)
-        last = torch.tensor([n - 1 for _, n in items]).to(self.device, non_blocking=True)   # not a blocking copy: it
-        # would wait for the GPU's queue (the decode step, the last prefill replay) before this replay is launched
+        # not a blocking copy, which would wait for the GPU's queue (the decode step, the last prefill replay)
+        # before this replay is launched
+        last = torch.tensor([n - 1 for _, n in items]).to(self.device, non_blocking=True)
         # a copy of the rows' last logits: the next replay of this graph overwrites its output
         return [(items, run()[torch.arange(B, device=self.device), last])]                             # (B, V)
 
