@@ -9,6 +9,7 @@
 #  T. the shared GEMMs at ROWS rows as x W^T vs (W x^T)^T (cuBLAS's choice of kernel);
 #  X. a mixed step (ROWS decode tokens + an XT-token prompt chunk at cached length XS, one forward) vs the two apart;
 #  S. the 64-row decode step as a CUDA graph: compiled blocks (the engine's) vs serve.fused_decode.
+#  Q. one prefill forward of PREFILL_B x 512 (default 16) profiled with input shapes: which op each kernel's time is.
 # Usage: python results/serve_probe/c64.py OUT_DIR [parts, default GAPS]
 import importlib.util
 import json
@@ -375,5 +376,28 @@ with torch.inference_mode():
             print("step", ROWS, {k: v for k, v in step.items() if not k.endswith("_kernels")}, flush=True)
             res["step"] = step
             dump()
+
+    if "Q" in PARTS:
+        B = int(os.environ.get("PREFILL_B", "16"))
+        idx = torch.randint(0, cfg.vocab_size, (B, 512), device=dev)
+        cache = M.Cache(torch.zeros(L, B * 9 + 1, page, 576, device=dev, dtype=dt),
+                        torch.arange(B * 9, device=dev, dtype=torch.int32).view(B, 9), torch.zeros(B, device=dev, dtype=torch.int32))
+
+        def fwd():
+            cache.seq_lens.zero_()
+            return model(idx, cache=cache)[:, -1]
+        for _ in range(3):
+            fwd()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA],
+                                    record_shapes=True) as prof:
+            fwd()
+            torch.cuda.synchronize()
+        ops = [(e.key, str(e.input_shapes)[:160], e.count, round(e.device_time_total / 1000, 3))
+               for e in prof.key_averages(group_by_input_shape=True) if e.device_time_total > 0 and e.key.startswith("aten::")]
+        res["prefill_ops"] = {"B": B, "ops_ms": sorted(ops, key=lambda o: -o[3])[:40]}
+        for o in res["prefill_ops"]["ops_ms"][:20]:
+            print("prefill op", o, flush=True)
+        dump()
 dump()
 print("done", flush=True)
