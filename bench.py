@@ -630,40 +630,53 @@ def _run_load(url, make_request, concurrency, duration, num_requests, api_key, p
         t0 = time.perf_counter()
         records = _clients(url, make_request, concurrency, take, t0, duration, num_requests, api_key)
         return records, time.perf_counter() - t0
-    import multiprocessing as mp
     import queue as queue_
-    ctx = mp.get_context("spawn")   # not fork: this process may hold a CUDA context and threads of its own
     reqs = [make_request(i) for i in range(num_requests)]   # made here: make_request need not pickle
-    counter, start, done = ctx.Value("q", 0), ctx.Barrier(procs + 1), ctx.Queue()
-    ps = [ctx.Process(target=_load_process, daemon=True,
-                      args=(url, reqs, concurrency // procs + (k < concurrency % procs), api_key, counter, start, done))
-          for k in range(procs)]
-    t_spawn = time.perf_counter()
-    for p in ps:
-        p.start()
+    t_ask = time.perf_counter()
+    fresh = procs not in _POOLS
+    ps, jobs, counter, start, done = _load_pool(procs)
+    counter.value = 0
+    for k, q in enumerate(jobs):
+        q.put((url, reqs, concurrency // procs + (k < concurrency % procs), api_key))
     try:
-        start.wait(timeout=300)   # every process started (each imports this file) before the clock starts
+        start.wait(timeout=300)   # every process has its job before the clock starts
         t0, results = time.perf_counter(), []
         while len(results) < procs:
             try:
                 results.append(done.get(timeout=1.0))
             except queue_.Empty:
-                if any(p.exitcode not in (None, 0) for p in ps):
+                if any(p.exitcode is not None for p in ps):
                     raise RuntimeError("a load generator process died") from None
-        t_load = time.perf_counter()
-    finally:
+    except BaseException:
         for p in ps:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    # on an H100 host a 64-client level took ~73 s around a 2 s load (8-client levels: 13 s): say which part
-    print(f"load generator: {procs} processes up in {t0 - t_spawn:.1f} s, load {t_load - t0:.1f} s, "
-          f"exited in {time.perf_counter() - t_load:.1f} s", file=sys.stderr, flush=True)
+            p.kill()
+        _POOLS.pop(procs, None)
+        raise
+    # on an H100 host starting 8 processes took 9-60 s a level, around loads of 0.5-2 s: they are kept
+    print(f"load generator: {procs} processes {'started' if fresh else 'reused'}, ready in {t0 - t_ask:.1f} s, "
+          f"load {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return [r for recs, _ in results for r in recs], max(end for _, end in results) - t0
 
 
-def _load_process(url, reqs, threads, api_key, counter, start, done):
-    """One process of run_load: `threads` clients taking request numbers from the shared counter."""
+_POOLS = {}   # procs -> the load generator's processes and queues, kept across run_load calls
+
+
+def _load_pool(procs):
+    pool = _POOLS.get(procs)
+    if pool is None or not all(p.is_alive() for p in pool[0]):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")   # not fork: this process may hold a CUDA context and threads of its own
+        counter, start, done, jobs = ctx.Value("q", 0), ctx.Barrier(procs + 1), ctx.Queue(), [ctx.Queue() for _ in range(procs)]
+        # daemons: multiprocessing ends them when this process exits
+        ps = [ctx.Process(target=_load_process, daemon=True, args=(q, counter, start, done)) for q in jobs]
+        for p in ps:
+            p.start()
+        _POOLS[procs] = pool = (ps, jobs, counter, start, done)
+    return pool
+
+
+def _load_process(jobs, counter, start, done):
+    """One process of run_load: for each job, `threads` clients taking request numbers from the shared counter."""
     gc.freeze()
 
     def take():
@@ -671,12 +684,11 @@ def _load_process(url, reqs, threads, api_key, counter, start, done):
             counter.value += 1
             return counter.value - 1
 
-    start.wait()
-    records = _clients(url, reqs.__getitem__, threads, take, time.perf_counter(), None, len(reqs), api_key)
-    done.put((records, time.perf_counter()))   # perf_counter is CLOCK_MONOTONIC: one clock for all processes
-    done.close()
-    done.join_thread()   # the records are in the pipe: leave without the interpreter's teardown (torch's
-    os._exit(0)          # took 3.3 s for 8 processes on 2 cores)
+    while True:
+        url, reqs, threads, api_key = jobs.get()
+        start.wait()
+        records = _clients(url, reqs.__getitem__, threads, take, time.perf_counter(), None, len(reqs), api_key)
+        done.put((records, time.perf_counter()))   # perf_counter is CLOCK_MONOTONIC: one clock for all processes
 
 
 def _clients(url, make_request, threads, take, t0, duration, num_requests, api_key):

@@ -136,6 +136,9 @@ class RMSNorm(nn.Module):
         # weight * x * rsqrt(mean(x^2) + eps), computed in fp32 and rounded once to x's dtype: one kernel
         # on CUDA, as vLLM's. Written out (transformers rounds before the weight) it was 9 kernels and a
         # quarter of a 1b prefill forward (results/serve_probe); in fp32 and fp64 the two are the same.
+        if fast_inference(x):   # serving: a Triton kernel that reads a split's strided rows without a copy
+            from mla_kernel import rms_norm
+            return rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
 
 
@@ -328,8 +331,12 @@ class MLA(nn.Module):
             # (before the cache write, which torch.compile leaves out: the rope and W_UK compile as one region)
             cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
             o_lat = latent_attention(q_lat, q_pe[:, 0], cache.kv[layer], cache.block_table, cache.seq_lens, scale)
-            o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, nope:])                           # W_UV o_lat
-            return self.o_proj(o.reshape(B, 1, H * dv))
+            # W_UV from the module and config again, not `w` and H: torch.compile resumes after the attention in a
+            # new graph, where tensors and ints carried over get symbolic shapes, and (B, H * dv) then took two
+            # layout copies, not one
+            w = self.kv_b_proj.weight.view(self.cfg.num_attention_heads, -1, self.cfg.kv_lora_rank)
+            o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, self.cfg.qk_nope_head_dim:])     # W_UV o_lat
+            return self.o_proj(o.flatten(1)[:, None])
         if cache is not None:  # prefill chunk: attend to everything cached so far (rows share one length here)
             cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
             lat = cache_read(cache.kv[layer], cache.block_table, cache.start + T)             # (B, S, R + P)

@@ -629,6 +629,13 @@ def test_rope_and_swiglu_kernels_match_float64():
     gu = torch.randn(3, 5, 2 * 1100, generator=g)                          # N = 1100: two blocks, the second ragged
     gate, up = gu.double().chunk(2, -1)
     assert _rel_err(mla_kernel.swiglu(gu), gate * torch.sigmoid(gate) * up) < 1e-6
+    # RMSNorm on views of [q_a | c | k_pe] rows (strided, as prefill's), widths 24 and 1100 (blocks of several rows
+    # and one ragged row) and 5 rows (the last block of rows ragged): (x / rms(x)) * weight in float64
+    qck = torch.randn(5, 3, 24 + 1100 + 7, generator=g)
+    for x, w in ((qck[..., :24], torch.randn(24, generator=g)), (qck[..., 24:1124], torch.randn(1100, generator=g))):
+        xd = x.double()
+        got = mla_kernel.rms_norm(x, w, 1e-6)
+        assert got.is_contiguous() and _rel_err(got, xd / (xd.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w.double()) < 1e-6
 
 
 def test_write_rows_kernel_matches_index_put():
@@ -2456,8 +2463,12 @@ def test_bench_load_generator_processes(serve_proc):
     assert [r["prompt_tokens"] for r in recs] == [3] * 7
     assert len({r["pid"] for r in recs}) == 2 and os.getpid() not in {r["pid"] for r in recs}
     assert max(r["latency"] for r in recs) <= wall <= outer
+    # the next level reuses the processes (starting them took up to a minute a level on a GPU host), counting from 0
+    again, _ = bench.run_load(s.url, body, 3, num_requests=4, api_key=_SERVE_KEY, procs=2)
+    assert sorted(r["i"] for r in again) == list(range(4)) and all(r["done"] for r in again)
+    assert {r["pid"] for r in again} <= {r["pid"] for r in recs}
     after = s.metrics()
-    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == sum(3 + i % 3 for i in range(7))
+    assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] == sum(3 + i % 3 for i in range(7)) + 3 + 4 + 5 + 3
 
 
 @_needs_serve
