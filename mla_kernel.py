@@ -701,6 +701,46 @@ def write_rows(kv, slots, rows):
 
 
 @triton.jit
+def _append_latent_kernel(CKV, Gamma, Cos, Sin, Out, Slots, T, eps, s_ab, s_at, s_cb, s_ct,
+                          R: tl.constexpr, P: tl.constexpr):
+    """Out[Slots[n]] = [RMSNorm(c) * Gamma | rope(k_pe)] for token n = b * T + t (program 0), from CKV[b, t] =
+    [c | k_pe]: the latent's normalisation, the rope key's rotation and the cache write in one pass."""
+    n = tl.program_id(0)
+    b, t = n // T, n % T
+    a = CKV + b * s_ab + t * s_at
+    offs_r = tl.arange(0, R)
+    c = tl.load(a + offs_r).to(tl.float32)
+    c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + offs_r).to(tl.float32)
+    i = tl.arange(0, P // 2)
+    cos = tl.load(Cos + b * s_cb + t * s_ct + i).to(tl.float32)
+    sin = tl.load(Sin + b * s_cb + t * s_ct + i).to(tl.float32)
+    re = tl.load(a + R + 2 * i).to(tl.float32)
+    im = tl.load(a + R + 2 * i + 1).to(tl.float32)
+    row = Out + tl.load(Slots + n).to(tl.int64) * (R + P)
+    ty = Out.dtype.element_ty
+    tl.store(row + offs_r, c.to(ty))
+    tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
+    tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
+
+
+def append_latent(kv, slots, ckv, gamma, eps, cos, sin):
+    """model.cache_append in one kernel: kv (..., R+P) contiguous, slots (B, T) rows of kv.view(-1, R+P), ckv (B, T,
+    R+P) = [c | k_pe] (last dim contiguous), gamma (R,) the latent's RMSNorm weight, cos/sin (B, T, P/2). In a 64-row
+    decode step torch.compile made it 3 kernels, 4.8 us a layer on an H100, with the cache write
+    (results/serve_probe/c64_step_prefill_ops_h100_f7efcd5.json)."""
+    B, T, W = ckv.shape
+    R = gamma.shape[0]
+    cos, sin = cos.expand(B, T, -1), sin.expand(B, T, -1)
+    if cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    slots = slots.reshape(-1)
+    if not slots.is_contiguous():
+        slots = slots.contiguous()
+    _append_latent_kernel[(B * T,)](ckv, gamma, cos, sin, kv, slots, T, eps, ckv.stride(0), ckv.stride(1),
+                                    cos.stride(0), cos.stride(1), R=R, P=W - R, num_warps=4)
+
+
+@triton.jit
 def _swiglu_kernel(GU, Y, N, s_gm, s_ym, BLOCK: tl.constexpr):
     """Y[m, n] = silu(GU[m, n]) * GU[m, N + n]: one pass over [gate | up]."""
     m = tl.program_id(0)

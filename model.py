@@ -243,6 +243,17 @@ def cache_read(kv, block_table, n):
     return kv[block_table[:, :pages].long()].flatten(1, 2)[:, :n]
 
 
+@torch.compiler.disable   # writes into the pool in place, as cache_write
+def cache_append(kv, slots, ckv, norm, cos, sin):
+    """MLA's new cache rows: ckv (B, T, R+P) = [c | k_pe] from W_DKV and W_KR -> [RMSNorm(c) | RoPE(k_pe)] written
+    into one layer's kv at slots (B, T). One Triton kernel on CUDA, where torch.compile made three."""
+    if kv.is_cuda and kv.dtype in (torch.bfloat16, torch.float16):
+        from mla_kernel import append_latent
+        return append_latent(kv, slots, ckv, norm.weight, norm.eps, cos, sin)
+    c, k_pe = ckv.split([norm.weight.shape[0], ckv.shape[-1] - norm.weight.shape[0]], dim=-1)
+    cache_write(kv, slots, torch.cat([norm(c), apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]], dim=-1))
+
+
 @torch.compiler.disable   # the kernel's launch grid is host arithmetic on shapes: left out of torch.compile
 def latent_attention(q_lat, q_pe, kv, block_table, seq_lens, scale):
     """Absorbed MLA decode against one layer's latent cache -> o_lat (B, H, R).
@@ -323,13 +334,15 @@ class MLA(nn.Module):
         # kernel with W_UK's input under torch.compile (the copy back into q was a kernel of its own)
         q_pe = apply_rope(q_pe, cos, sin, out=None if decode else q_pe)
         c, k_pe = ckv.split([R, P], dim=-1)                                  # (B, T, R), (B, T, P)
-        c = self.kv_a_layernorm(c)                                           # RMSNorm on the latent only
-        k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]                # one rope key for all heads
+        if cache is None:
+            c = self.kv_a_layernorm(c)                                       # RMSNorm on the latent only
+            k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]            # one rope key for all heads
         w = self.kv_b_proj.weight.view(H, nope + dv, R)                       # per head [W_UK; W_UV]
         if decode:  # absorbed decode: never decompress the cache
             q_lat = torch.einsum("bhd,hdr->bhr", q_nope[:, 0], w[:, :nope])                # W_UK^T q^C
-            # (before the cache write, which torch.compile leaves out: the rope and W_UK compile as one region)
-            cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
+            # the new cache row [RMSNorm(c) | RoPE(k_pe)]; after W_UK, so that torch.compile's region before the
+            # break holds the rope of q and W_UK together
+            cache_append(cache.kv[layer], cache.slots, ckv, self.kv_a_layernorm, cos, sin)
             o_lat = latent_attention(q_lat, q_pe[:, 0], cache.kv[layer], cache.block_table, cache.seq_lens, scale)
             # W_UV from the module and config again, not `w` and H: torch.compile resumes after the attention in a
             # new graph, where tensors and ints carried over get symbolic shapes, and (B, H * dv) then took two
@@ -338,7 +351,7 @@ class MLA(nn.Module):
             o = torch.einsum("bhr,hvr->bhv", o_lat, w[:, self.cfg.qk_nope_head_dim:])     # W_UV o_lat
             return self.o_proj(o.flatten(1)[:, None])
         if cache is not None:  # prefill chunk: attend to everything cached so far (rows share one length here)
-            cache_write(cache.kv[layer], cache.slots, torch.cat([c, k_pe], dim=-1))
+            cache_append(cache.kv[layer], cache.slots, ckv, self.kv_a_layernorm, cos, sin)
             lat = cache_read(cache.kv[layer], cache.block_table, cache.start + T)             # (B, S, R + P)
             if self.kv_b_rows is not None:   # fuse_projections: k = [k_nope | k_pe] and v from one GEMM, no cat
                 k, v = F.linear(lat, self.kv_b_rows).view(B, -1, H, nope + P + dv).split([nope + P, dv], dim=-1)

@@ -651,6 +651,27 @@ def test_write_rows_kernel_matches_index_put():
     assert torch.equal(kv, want)
 
 
+def test_append_latent_kernel_matches_float64():
+    # model.cache_append's CUDA kernel: [RMSNorm(c) * gamma | RoPE(k_pe)] of each token, computed in float64, lands
+    # at its slot (bf16 rounding), every other slot keeps its bytes. ckv is a strided view, as [q_a | c | k_pe]'s.
+    g = torch.Generator().manual_seed(7)
+    B, T, R, P = 2, 3, 32, 16
+    kv = torch.randn(5, 4, R + P, generator=g).bfloat16()
+    slots = torch.randperm(20, generator=g)[:B * T].view(B, T)
+    ckv = torch.randn(B, T, 8 + R + P, generator=g).bfloat16()[..., 8:]
+    gamma = torch.randn(R, generator=g)
+    cos, sin = M.rope_cos_sin(1.0 / 1e4 ** (torch.arange(0, P, 2) / P), torch.arange(T)[None].expand(B, T) + 40)
+    c, k_pe = ckv.double().split([R, P], dim=-1)
+    rows = torch.cat([c / (c.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * gamma.double(),
+                      M.apply_rope(k_pe[:, :, None], cos.double(), sin.double())[:, :, 0]], dim=-1)
+    before = kv.clone()
+    mla_kernel.append_latent(kv, slots, ckv, gamma, 1e-6, cos, sin)
+    assert _rel_err(kv.view(-1, R + P)[slots], rows) < 1e-2
+    untouched = torch.ones(20, dtype=torch.bool)
+    untouched[slots.view(-1)] = False
+    assert torch.equal(kv.view(-1, R + P)[untouched], before.view(-1, R + P)[untouched])
+
+
 def test_merge_uv_matches_float64():
     # the attention's splits merged inside the W_UV product == W_UV . (float64 attention)
     for splits in (2, 3):
