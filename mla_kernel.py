@@ -359,7 +359,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     np_ = triton.next_power_of_2(triton.cdiv(split_tokens, page) + 1) if preload and bn <= page else 0
     pdl = _pdl(q_lat)
     # Launched early, the next kernel's programs take SM slots while they wait: when the splits do not all fit
-    # beside them that cost B=1 at 32k 54.9 vs 39.3 us, at 128k 99.2 vs 84.0 (results/serve_probe/kernel_b1.py)
+    # beside them that cost B=1 at 32k 54.9 vs 39.3 us, at 128k 99.2 vs 84.0 (serve_probe/kernel_b1_h100_8091c7a.json)
     late = bool(pdl) and groups * B * num_splits >= num_sms
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
                             UPCAST=upcast, NP=np_, num_warps=warps, num_stages=stages, **pdl,
@@ -783,10 +783,10 @@ def _rms_norm_kernel(X, Gamma, Y, M, N, s_xm, s_ym, eps, BLOCK_M: tl.constexpr, 
 
 
 def rms_norm(x, weight, eps):
-    """F.rms_norm over the last dim, reading rows of any stride. A 1b prefill normalises q_a and c as views of
-    [q_a | c | k_pe]: F.rms_norm copied them first, and its kernel ran at ~1 TB/s at widths 1536 and 512 (16 x 512
-    tokens on an H100: 96 us a layer, results/serve_probe/c64_step_prefill_ops_h100_f8be02d.json).
-    x (..., N) -> (..., N) contiguous."""
+    """F.rms_norm over the last dim, reading rows of any stride. A 1b prefill normalises q_a as a view of
+    [q_a | c | k_pe] (c too, before append_latent): F.rms_norm copied them first, and its kernel ran at ~1 TB/s at
+    widths 1536 and 512 (16 x 512 tokens on an H100: 96 us a layer for the two,
+    results/serve_probe/c64_step_prefill_ops_h100_f8be02d.json). x (..., N) -> (..., N) contiguous."""
     N = x.shape[-1]
     rows = x.reshape(-1, N)
     if rows.stride(-1) != 1:
