@@ -632,9 +632,8 @@ def _run_load(url, make_request, concurrency, duration, num_requests, api_key, p
         return records, time.perf_counter() - t0
     import queue as queue_
     reqs = [make_request(i) for i in range(num_requests)]   # made here: make_request need not pickle
-    t_ask = time.perf_counter()
-    fresh = procs not in _POOLS
-    ps, jobs, counter, start, done = _load_pool(procs)
+    t_ask, before = time.perf_counter(), _POOLS.get(procs)
+    ps, jobs, counter, start, done = pool = _load_pool(procs)
     counter.value = 0
     for k, q in enumerate(jobs):
         q.put((url, reqs, concurrency // procs + (k < concurrency % procs), api_key))
@@ -653,7 +652,7 @@ def _run_load(url, make_request, concurrency, duration, num_requests, api_key, p
         _POOLS.pop(procs, None)
         raise
     # on an H100 host starting 8 processes took 9-60 s a level, around loads of 0.5-2 s: they are kept
-    print(f"load generator: {procs} processes {'started' if fresh else 'reused'}, ready in {t0 - t_ask:.1f} s, "
+    print(f"load generator: {procs} processes {'reused' if pool is before else 'started'}, ready in {t0 - t_ask:.1f} s, "
           f"load {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
     return [r for recs, _ in results for r in recs], max(end for _, end in results) - t0
 

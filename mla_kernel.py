@@ -362,8 +362,7 @@ def mla_decode(q_lat, q_pe, cache, block_table, seq_lens, sm_scale, out=None, nu
     # beside them that cost B=1 at 32k 54.9 vs 39.3 us, at 128k 99.2 vs 84.0 (serve_probe/kernel_b1_h100_8091c7a.json)
     late = bool(pdl) and groups * B * num_splits >= num_sms
     _mla_split_kernel[grid](*args, R=R, P=P, PAGE=page, BLOCK_H=BLOCK_H, BLOCK_N=bn, DIRECT=direct,
-                            UPCAST=upcast, NP=np_, num_warps=warps, num_stages=stages, **pdl,
-                            **({"LATE": True} if late else {}))
+                            UPCAST=upcast, NP=np_, LATE=late, num_warps=warps, num_stages=stages, **pdl)
     if partials and not direct:
         return o_part, lse
     if not direct:
@@ -533,6 +532,22 @@ def fused_linear(x, w, out=None, norm=None, eps=1e-6, swiglu=False, residual=Non
 
 
 @triton.jit
+def _latent_row(a, row, cos, sin, Gamma, eps, R: tl.constexpr, P: tl.constexpr):
+    """Store [RMSNorm(c) * Gamma | rope(k_pe)] at `row` from [c | k_pe] at `a`; cos/sin (P/2,) fp32. DeepSeek's
+    interleaved RoPE: pairs (2i, 2i+1) rotate by angle i."""
+    offs_r = tl.arange(0, R)
+    i = tl.arange(0, P // 2)
+    c = tl.load(a + offs_r).to(tl.float32)
+    c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + offs_r).to(tl.float32)
+    re = tl.load(a + R + 2 * i).to(tl.float32)
+    im = tl.load(a + R + 2 * i + 1).to(tl.float32)
+    ty = row.dtype.element_ty
+    tl.store(row + offs_r, c.to(ty))
+    tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
+    tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
+
+
+@triton.jit
 def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, BlockTable, Lens, Cos, Sin, Gamma, eps,
                    s_am, s_qm, s_qh, s_wh, s_wd, s_lm, s_lh, s_pm, s_ph, s_cb, s_bt, s_cs,
                    R: tl.constexpr, P: tl.constexpr, NOPE: tl.constexpr, PAGE: tl.constexpr,
@@ -565,17 +580,8 @@ def _absorb_kernel(A, Q, WUK, QLAT, QPE, Cache, BlockTable, Lens, Cos, Sin, Gamm
         tl.store(o, (re * cos - im * sin).to(QPE.dtype.element_ty))
         tl.store(o + 1, (re * sin + im * cos).to(QPE.dtype.element_ty))
         if h == 0:
-            a = A + m * s_am
-            c = tl.load(a + tl.arange(0, R)).to(tl.float32)
-            c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + tl.arange(0, R)).to(tl.float32)
-            re = tl.load(a + R + 2 * i).to(tl.float32)
-            im = tl.load(a + R + 2 * i + 1).to(tl.float32)
             page = tl.load(BlockTable + m * s_bt + pos // PAGE).to(tl.int64)
-            row = Cache + page * s_cb + (pos % PAGE) * (R + P)
-            ty = Cache.dtype.element_ty
-            tl.store(row + tl.arange(0, R), c.to(ty))
-            tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
-            tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
+            _latent_row(A + m * s_am, Cache + page * s_cb + (pos % PAGE) * (R + P), cos, sin, Gamma, eps, R, P)
 
 
 def mla_absorb(ckv, q, w_uk, cache, block_table, seq_lens, cos, sin, gamma, eps=1e-6):
@@ -715,20 +721,10 @@ def _append_latent_kernel(CKV, Gamma, Cos, Sin, Out, Slots, T, eps, s_ab, s_at, 
     [c | k_pe]: the latent's normalisation, the rope key's rotation and the cache write in one pass."""
     n = tl.program_id(0)
     b, t = n // T, n % T
-    a = CKV + b * s_ab + t * s_at
-    offs_r = tl.arange(0, R)
-    c = tl.load(a + offs_r).to(tl.float32)
-    c = c * tl.rsqrt(tl.sum(c * c, 0) / R + eps) * tl.load(Gamma + offs_r).to(tl.float32)
     i = tl.arange(0, P // 2)
     cos = tl.load(Cos + b * s_cb + t * s_ct + i).to(tl.float32)
     sin = tl.load(Sin + b * s_cb + t * s_ct + i).to(tl.float32)
-    re = tl.load(a + R + 2 * i).to(tl.float32)
-    im = tl.load(a + R + 2 * i + 1).to(tl.float32)
-    row = Out + tl.load(Slots + n).to(tl.int64) * (R + P)
-    ty = Out.dtype.element_ty
-    tl.store(row + offs_r, c.to(ty))
-    tl.store(row + R + 2 * i, (re * cos - im * sin).to(ty))
-    tl.store(row + R + 2 * i + 1, (re * sin + im * cos).to(ty))
+    _latent_row(CKV + b * s_ab + t * s_at, Out + tl.load(Slots + n).to(tl.int64) * (R + P), cos, sin, Gamma, eps, R, P)
 
 
 def append_latent(kv, slots, ckv, gamma, eps, cos, sin):

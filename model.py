@@ -333,8 +333,8 @@ class MLA(nn.Module):
         # roped in place, except in decode: the naive path attends with q whole; decode's roped copy is one
         # kernel with W_UK's input under torch.compile (the copy back into q was a kernel of its own)
         q_pe = apply_rope(q_pe, cos, sin, out=None if decode else q_pe)
-        c, k_pe = ckv.split([R, P], dim=-1)                                  # (B, T, R), (B, T, P)
-        if cache is None:
+        if cache is None:   # (with a cache, cache_append below does these two as it writes the rows)
+            c, k_pe = ckv.split([R, P], dim=-1)                              # (B, T, R), (B, T, P)
             c = self.kv_a_layernorm(c)                                       # RMSNorm on the latent only
             k_pe = apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]            # one rope key for all heads
         w = self.kv_b_proj.weight.view(H, nope + dv, R)                       # per head [W_UK; W_UV]
